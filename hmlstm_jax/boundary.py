@@ -1,0 +1,113 @@
+"""The boundary detector's non-linearity and its straight-through gradient (§3.3).
+
+Symbols (SPEC.md §1-3):
+
+* ``x``      the boundary row of the fused pre-activation s^ℓ_t (its last row);
+* ``slope``  the slope a of the hard sigmoid, annealed during training;
+* ``ž``      ``hard_sigmoid(x, slope)`` = max(0, min(1, (a·x + 1) / 2))      (Eq. 9);
+* ``z``      f_bound(ž): 1[ž > 0.5] (step), Bernoulli(ž) (sample) or ž (soft)  (Eq. 8).
+
+Straight-through estimator: the forward pass uses the discrete z, the backward pass
+treats z as if it were ž (dz/dž = 1), so the gradient reaching x is a/2 inside the linear
+region |a·x| < 1 and 0 outside. ``slope`` is an ordinary traced argument everywhere, so
+annealing it never recompiles.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BOUNDARY_VARIANTS = ("step", "sample", "soft")
+
+
+def hard_sigmoid(x: jax.Array, slope: jax.Array | float) -> jax.Array:
+  """ž = hard_sigm_a(x) = max(0, min(1, (a·x + 1) / 2)), Eq. 9 of the paper.
+
+  Args:
+    x: the boundary pre-activation (the ž row of s^ℓ_t), any shape.
+    slope: the slope a > 0 (scalar, may be traced).
+
+  Returns:
+    ž, same shape as ``x``, in [0, 1]. Its derivative is a/2 on |a·x| < 1 and 0 outside.
+  """
+  return jnp.clip((slope * x + 1.0) / 2.0, 0.0, 1.0)
+
+
+@jax.custom_vjp
+def straight_through_boundary(x: jax.Array, slope: jax.Array | float,
+                              u: jax.Array | float) -> jax.Array:
+  """Binary z = 1[hard_sigm_a(x) > u] with the straight-through gradient of §3.3.
+
+  ``u = 0.5`` gives the step function of Eq. 8 (z = 1 exactly when x > 0, whatever the
+  slope); ``u ~ Uniform[0, 1)`` gives z ~ Bernoulli(ž). The comparison is done on x
+  directly, x > (2u − 1)/a, which is the same event without the rounding of (a·x + 1)/2
+  near 0.5, so for u = 0.5 it is exactly x > 0.
+
+  Backward: dz/dx = dž/dx = a/2 · 1[|a·x| < 1] (dz/dž = 1); ``slope`` and ``u`` receive no
+  gradient.
+
+  Args:
+    x: boundary pre-activation, any shape.
+    slope: the hard sigmoid's slope a > 0, a traced scalar.
+    u: threshold(s) broadcastable against ``x``: 0.5, or uniform noise for sampling.
+
+  Returns:
+    z in {0, 1}, dtype of ``x``.
+  """
+  return (x > (2.0 * u - 1.0) / slope).astype(x.dtype)
+
+
+def _straight_through_fwd(x, slope, u):
+  return straight_through_boundary(x, slope, u), (x, slope, u)
+
+
+def _straight_through_bwd(residuals, g):
+  x, slope, u = residuals
+  inside = jnp.abs(slope * x) < 1.0
+  grad_x = g * jnp.where(inside, slope / 2.0, 0.0).astype(g.dtype)
+  return grad_x, jnp.zeros_like(slope), jnp.zeros_like(u)
+
+
+straight_through_boundary.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+def f_bound(x: jax.Array, slope: jax.Array | float, variant: str,
+             noise: jax.Array | None = None) -> jax.Array:
+  """z^ℓ_t = f_bound(hard_sigm_a(x)) of Eq. 8-9 for one boundary ``variant``.
+
+  Args:
+    x: boundary pre-activation (the ž row of s^ℓ_t).
+    slope: hard-sigmoid slope a (traced).
+    variant: ``'step'`` (z = 1[ž > 0.5]), ``'sample'`` (z ~ Bernoulli(ž)) or ``'soft'``
+      (z = ž, ordinary gradient).
+    noise: for ``'sample'``, uniform [0, 1) noise broadcastable against ``x``; ``None``
+      means evaluation, where ``'sample'`` uses the step function (SPEC.md §1 decision).
+
+  Returns:
+    z, same shape and dtype as ``x``.
+  """
+  if variant == "soft":
+    return hard_sigmoid(x, slope)
+  if variant == "step" or (variant == "sample" and noise is None):
+    return straight_through_boundary(x, slope, jnp.asarray(0.5, x.dtype))
+  if variant == "sample":
+    return straight_through_boundary(x, slope, noise)
+  raise ValueError(f"unknown boundary variant {variant!r}; expected one of {BOUNDARY_VARIANTS}")
+
+
+def slope_schedule(epoch: jax.Array | float, max_slope: float = 5.0,
+                   rate: float = 0.04) -> jax.Array:
+  """Slope annealing of §3.3: a = min(a_max, 1 + rate · epoch).
+
+  The paper's PTB setting is the default (a_max = 5, rate 0.04 per epoch); handwriting
+  uses a_max = 3, rate 0.004; Text8 and enwik8 use a = 1 (``rate=0``).
+
+  Args:
+    epoch: the epoch counter, may be fractional and traced.
+    max_slope: a_max.
+    rate: increase of the slope per epoch.
+
+  Returns:
+    The slope a as a float32 scalar.
+  """
+  return jnp.minimum(jnp.float32(max_slope), 1.0 + rate * jnp.asarray(epoch, jnp.float32))

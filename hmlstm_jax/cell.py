@@ -1,0 +1,162 @@
+"""One HM-LSTM layer at one time step (Eq. 2-9 of the paper, SPEC.md §1).
+
+Symbols → arguments:
+
+* h^ℓ_{t-1}, c^ℓ_{t-1}, z^ℓ_{t-1}  → ``h_prev``, ``c_prev``, ``z_prev`` (own state, previous step);
+* h^(ℓ-1)_t, z^(ℓ-1)_t            → ``h_below``, ``z_below`` (layer below, this step; x_t and 1 for ℓ = 1);
+* h^(ℓ+1)_{t-1}                   → ``h_above`` (layer above, previous step; absent for ℓ = L);
+* W_(ℓ-1)ℓ, U_ℓℓ, U_(ℓ+1)ℓ, b     → ``W``, ``U``, ``U_top``, ``b`` of the layer's parameters.
+
+The pre-activation has R = 4·d + 1 rows in the order f, i, o, g, ž (4·d on the last layer,
+which has no boundary detector). The choice of operation is an arithmetic blend over the
+masks FLUSH = z_prev, UPDATE = (1 − z_prev)·z_below, COPY = (1 − z_prev)·(1 − z_below),
+never a ``where``, so the straight-through gradient reaches the boundary detector through
+the choice of operation too (SPEC.md §2). With binary masks the blend is the selected
+branch bit for bit; on COPY, c and h are returned bit-identical.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from hmlstm_jax import boundary as boundary_lib
+
+LayerParams = Mapping[str, Any]
+
+LN_EPSILON = 1e-5
+
+
+def layer_norm(x: jax.Array, ln: Mapping[str, jax.Array]) -> jax.Array:
+  """LN(x) = gain ⊙ (x − mean(x)) / sqrt(var(x) + ε) + bias over the last axis (Ba et al.)."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LN_EPSILON) * ln["scale"] + ln["bias"]
+
+
+def normalized_term(projection: jax.Array, ln: Mapping[str, jax.Array] | None,
+                    hidden_size: int) -> jax.Array:
+  """One term of s^ℓ_t (Eq. 5, 6 or 7) with layer norm over its 4·d gate rows.
+
+  The ž row (row 4·d, absent on the last layer) is left unnormalised (SPEC.md §3).
+
+  Args:
+    projection: the term before normalisation, e.g. h_prev @ U, shape (..., R).
+    ln: ``{'scale', 'bias'}`` of shape (4·d,), or ``None`` for no layer norm.
+    hidden_size: d, the width of the layer.
+  """
+  if ln is None:
+    return projection
+  gates = layer_norm(projection[..., :4 * hidden_size], ln)
+  return jnp.concatenate([gates, projection[..., 4 * hidden_size:]], axis=-1)
+
+
+def bottom_up_term(params: LayerParams, h_below: jax.Array) -> jax.Array:
+  """W_(ℓ-1)ℓ h^(ℓ-1)_t of Eq. 7, layer-normalised when enabled, before the z^(ℓ-1)_t gate.
+
+  Works on any leading shape, so the first layer's term for all time steps is one matmul.
+  """
+  hidden_size = params["U"].shape[0]
+  return normalized_term(h_below @ params["W"], params.get("ln_W"), hidden_size)
+
+
+def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
+                   h_above: jax.Array | None, z_below: jax.Array,
+                   h_below: jax.Array | None = None,
+                   bottom_up: jax.Array | None = None) -> jax.Array:
+  """s^ℓ_t = U h^ℓ_{t-1} + z^ℓ_{t-1}·U_top h^(ℓ+1)_{t-1} + z^(ℓ-1)_t·W h^(ℓ-1)_t + b (Eq. 5-7).
+
+  The top-down term is switched by the layer's **own previous** boundary ``z_prev``, the
+  bottom-up term by the **current** boundary of the layer below ``z_below``; the recurrent
+  term is never gated. Without layer norm the three terms are one matmul of
+  [z_below·h_below ; h_prev ; z_prev·h_above] against [W ; U ; U_top]. With layer norm each
+  term is normalised on its own and gated after normalisation: z·LN(W h), never LN(z·W h).
+
+  Args:
+    params: the layer's parameters (``W``, ``U``, ``U_top`` unless last, ``b``, layer-norm
+      parameters when enabled).
+    h_prev: h^ℓ_{t-1}, (B, d).
+    z_prev: z^ℓ_{t-1}, (B, 1).
+    h_above: h^(ℓ+1)_{t-1}, (B, d_above), or ``None`` on the last layer.
+    z_below: z^(ℓ-1)_t, (B, 1) (ones for the first layer).
+    h_below: h^(ℓ-1)_t, (B, d_below); give this or ``bottom_up``.
+    bottom_up: W h^(ℓ-1)_t already computed by :func:`bottom_up_term` (e.g. for all time
+      steps at once), (B, R).
+
+  Returns:
+    s^ℓ_t, (B, R).
+  """
+  if (h_below is None) == (bottom_up is None):
+    raise ValueError("give exactly one of h_below and bottom_up")
+  has_top = h_above is not None
+  if has_top != ("U_top" in params):
+    raise ValueError("h_above must be given exactly when the layer has U_top (every layer but the last)")
+  hidden_size = params["U"].shape[0]
+  if "ln_U" in params:
+    s = normalized_term(h_prev @ params["U"], params["ln_U"], hidden_size)
+    if has_top:
+      s = s + z_prev * normalized_term(h_above @ params["U_top"], params["ln_U_top"], hidden_size)
+    if bottom_up is None:
+      bottom_up = bottom_up_term(params, h_below)
+    return s + z_below * bottom_up + params["b"]
+  inputs, kernels = [h_prev], [params["U"]]
+  if has_top:
+    inputs.append(z_prev * h_above)
+    kernels.append(params["U_top"])
+  if bottom_up is None:
+    inputs.insert(0, z_below * h_below)
+    kernels.insert(0, params["W"])
+  s = jnp.concatenate(inputs, axis=-1) @ jnp.concatenate(kernels, axis=0) + params["b"]
+  if bottom_up is not None:
+    s = s + z_below * bottom_up
+  return s
+
+
+def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax.Array,
+                 z_below: jax.Array, slope: jax.Array | float, *, variant: str,
+                 ln_c: Mapping[str, jax.Array] | None = None,
+                 noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The UPDATE / COPY / FLUSH operation and the boundary, Eq. 2-4 and 8-9.
+
+  f, i, o = sigmoid(s), g = tanh(s), ž = hard_sigm_a(s_ž) and, with masks
+  FLUSH = z_prev, UPDATE = (1 − z_prev)·z_below, COPY = (1 − z_prev)·(1 − z_below):
+
+      c = FLUSH·(i⊙g) + UPDATE·(f⊙c_prev + i⊙g) + COPY·c_prev               (Eq. 2)
+      h = (FLUSH + UPDATE)·(o⊙tanh(c)) + COPY·h_prev                        (Eq. 3)
+      z = (1 − COPY)·f_bound(ž) + COPY·z_prev                              (Eq. 4, 8-9)
+
+  On COPY the boundary is copied (z = z_prev = 0; SPEC.md §1 decision). A pre-activation
+  with 4·d rows (the last layer) has no detector: its z stays 0.
+
+  Args:
+    s: pre-activation s^ℓ_t, (B, 4·d + 1) or (B, 4·d) on the last layer.
+    c_prev, h_prev: c^ℓ_{t-1}, h^ℓ_{t-1}, (B, d).
+    z_prev: z^ℓ_{t-1}, (B, 1).
+    z_below: z^(ℓ-1)_t, (B, 1).
+    slope: hard-sigmoid slope a (traced).
+    variant: ``'step'``, ``'sample'`` or ``'soft'``.
+    ln_c: layer-norm parameters applied to c inside the tanh only (stored c is unnormalised).
+    noise: uniform noise (B, 1) for the ``'sample'`` variant in training, else ``None``.
+
+  Returns:
+    (c^ℓ_t, h^ℓ_t, z^ℓ_t).
+  """
+  d = c_prev.shape[-1]
+  f = jax.nn.sigmoid(s[:, :d])
+  i = jax.nn.sigmoid(s[:, d:2 * d])
+  o = jax.nn.sigmoid(s[:, 2 * d:3 * d])
+  g = jnp.tanh(s[:, 3 * d:4 * d])
+  flush = z_prev
+  update = (1.0 - z_prev) * z_below
+  copy = (1.0 - z_prev) * (1.0 - z_below)
+  ig = i * g
+  c = flush * ig + update * (f * c_prev + ig) + copy * c_prev
+  c_for_h = c if ln_c is None else layer_norm(c, ln_c)
+  h = (flush + update) * (o * jnp.tanh(c_for_h)) + copy * h_prev
+  if s.shape[-1] == 4 * d:
+    z = jnp.zeros_like(z_prev)
+  else:
+    z_new = boundary_lib.f_bound(s[:, 4 * d:], slope, variant, noise)
+    z = (1.0 - copy) * z_new + copy * z_prev
+  return c, h, z

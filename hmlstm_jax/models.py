@@ -1,0 +1,116 @@
+"""The character-level language model of §4.1: embedding → HM-LSTM → output module → softmax.
+
+The model is a pair of pure functions over a parameter pytree, like the rest of the library:
+:func:`init_charlm` and :func:`charlm_apply` (with :func:`charlm_loss` for training).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hmlstm_jax import heads
+from hmlstm_jax import hmlstm
+
+
+@dataclasses.dataclass(frozen=True)
+class CharLMConfig:
+  """Static description of the character LM (hashable).
+
+  Attributes:
+    vocab_size: number of symbols.
+    layer_sizes: HM-LSTM widths d_1 … d_L (PTB: 512 × 3; Text8/enwik8: 1024 × 3).
+    output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048).
+    embed_size: input embedding width (128 in the paper).
+    boundary: ``'step'``, ``'sample'`` or ``'soft'``.
+    layer_norm: layer normalisation in the HM-LSTM.
+  """
+  vocab_size: int
+  layer_sizes: tuple[int, ...]
+  output_size: int
+  embed_size: int = 128
+  boundary: str = "step"
+  layer_norm: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
+    for name in ("vocab_size", "output_size", "embed_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    self.hmlstm  # validates the rest
+
+  @property
+  def hmlstm(self) -> hmlstm.HMLSTMConfig:
+    """The HM-LSTM part of the model."""
+    return hmlstm.HMLSTMConfig(input_size=self.embed_size, layer_sizes=self.layer_sizes,
+                               boundary=self.boundary, layer_norm=self.layer_norm)
+
+
+class CharLMOutputs(NamedTuple):
+  """What :func:`charlm_apply` returns besides the logits."""
+  final_state: hmlstm.State      # carry into the next segment (stop its gradient)
+  hmlstm: hmlstm.UnrollOutputs   # per layer h (T, B, d) and z (T, B, 1), time-major
+
+
+def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
+  """Parameters: ``embed`` (V, 128), ``hmlstm`` (:func:`hmlstm.init_params`), ``output``
+  (:func:`heads.init_output_module`), ``softmax`` (:func:`heads.init_softmax`).
+
+  The embedding is linear with no non-linearity (SPEC.md §3): row v is x_t for symbol v.
+  """
+  k_embed, k_rnn, k_out, k_soft = jax.random.split(key, 4)
+  return {
+      "embed": jax.random.normal(k_embed, (config.vocab_size, config.embed_size), jnp.float32),
+      "hmlstm": hmlstm.init_params(k_rnn, config.hmlstm),
+      "output": heads.init_output_module(k_out, config.layer_sizes, config.output_size),
+      "softmax": heads.init_softmax(k_soft, config.output_size, config.vocab_size),
+  }
+
+
+def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
+                 key: jax.Array | None = None, *, config: CharLMConfig,
+                 deterministic: bool = False) -> tuple[jax.Array, CharLMOutputs]:
+  """Logits of the next symbol at every position: embedding → Eq. 1-9 → Eq. 11-12 → softmax.
+
+  Args:
+    params: from :func:`init_charlm`.
+    state: HM-LSTM state before the first token (:func:`hmlstm.initial_state`).
+    tokens: int symbols, batch-major (B, T).
+    slope: hard-sigmoid slope a (traced).
+    key: PRNG key for the ``'sample'`` boundary in training.
+    config: the :class:`CharLMConfig` (static).
+    deterministic: evaluation mode.
+
+  Returns:
+    ``(logits, CharLMOutputs)`` with logits (B, T, V) for the symbol after each token.
+  """
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be (batch, time), got shape {tokens.shape}")
+  xs = params["embed"][tokens.T]  # (T, B, E), time-major for the scan
+  final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key,
+                              config=config.hmlstm, deterministic=deterministic)
+  h_e = heads.output_module(params["output"], outs.h)
+  logits = heads.softmax_logits(params["softmax"], h_e)  # (T, B, V)
+  return jnp.swapaxes(logits, 0, 1), CharLMOutputs(final_state=final, hmlstm=outs)
+
+
+def charlm_loss(params: dict, state: hmlstm.State, inputs: jax.Array, targets: jax.Array,
+                slope, key: jax.Array | None = None, *, config: CharLMConfig,
+                deterministic: bool = False) -> tuple[jax.Array, CharLMOutputs]:
+  """Mean next-symbol negative log-likelihood in nats (BPC = NLL / ln 2), §4.1.
+
+  Args:
+    inputs, targets: int (B, T); ``targets[:, t]`` is the symbol after ``inputs[:, t]``.
+    Others as in :func:`charlm_apply`.
+
+  Returns:
+    ``(nll, CharLMOutputs)``; differentiate with ``jax.value_and_grad(..., has_aux=True)``.
+  """
+  logits, outs = charlm_apply(params, state, inputs, slope, key, config=config,
+                              deterministic=deterministic)
+  log_probs = jax.nn.log_softmax(logits)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(nll), outs

@@ -1,0 +1,26 @@
+"""hmlstm_jax: the Hierarchical Multiscale LSTM (Chung, Ahn & Bengio, ICLR 2017) in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="hmlstm_jax",
+    version="0.1.0",
+    description="Hierarchical Multiscale LSTM in JAX: pure functions, lax.scan, straight-through boundaries",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hmlstm_jax", "hmlstm_jax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.11",
+    # Lower bounds are the versions the test suite was run with (CPU, Python 3.11).
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",  # used without TensorFlow (array_record output)
+        "importlib_resources>=6.0",     # needed by tensorflow-datasets, which does not declare it
+        "absl-py>=2.1",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+    },
+)

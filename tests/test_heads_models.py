@@ -1,0 +1,79 @@
+"""Output module (Eq. 11-12), softmax head and the character LM (heads.py, models.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hmlstm_jax as H
+import numpy_reference
+
+
+def test_output_module_matches_equations():
+  sizes, E = (3, 4, 2), 5
+  params = H.init_output_module(jax.random.key(0), sizes, E)
+  hs = [jax.random.normal(jax.random.key(i + 1), (6, d)) for i, d in enumerate(sizes)]
+  h_all = np.concatenate([np.asarray(h, np.float64) for h in hs], axis=1)
+  w, W_e = np.asarray(params["w_gate"], np.float64), np.asarray(params["W_e"], np.float64)
+  offsets = np.cumsum((0,) + sizes)
+  expected = np.zeros((6, E))
+  for l, h in enumerate(hs):
+    g = 1 / (1 + np.exp(-(h_all @ w[:, l])))                          # Eq. 11
+    expected += g[:, None] * (np.asarray(h, np.float64) @ W_e[offsets[l]:offsets[l + 1]])
+  expected = np.maximum(expected, 0)                                   # Eq. 12
+  np.testing.assert_allclose(H.output_module(params, hs), expected, atol=1e-5)
+  assert np.any(expected == 0) and np.any(expected > 0)
+  with pytest.raises(ValueError, match="built for 3 layers"):
+    H.output_module(params, hs[:2])
+
+
+def test_softmax_head_and_charlm_loss_match_numpy():
+  config = H.CharLMConfig(vocab_size=11, layer_sizes=(6, 5, 4), output_size=7, embed_size=3)
+  params = H.init_charlm(jax.random.key(0), config)
+  B, T = 2, 9
+  tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, config.vocab_size)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  state0 = H.initial_state(config.hmlstm, B)
+  nll, outs = H.charlm_loss(params, state0, inputs, targets, 1.0, config=config)
+  logits, _ = H.charlm_apply(params, state0, inputs, 1.0, config=config)
+  assert logits.shape == (B, T, config.vocab_size)
+  # Independent NumPy pipeline: embedding rows → reference HM-LSTM → Eq. 11-12 → softmax.
+  xs = np.asarray(params["embed"])[np.asarray(inputs).T]
+  hs, _, _, _, _ = numpy_reference.run(params["hmlstm"], xs, 1.0, "step")
+  h_all = np.concatenate(hs, axis=-1)
+  w, W_e = np.asarray(params["output"]["w_gate"], np.float64), np.asarray(params["output"]["W_e"], np.float64)
+  g = 1 / (1 + np.exp(-(h_all @ w)))
+  gated = np.concatenate([g[..., l:l + 1] * h for l, h in enumerate(hs)], axis=-1)
+  h_e = np.maximum(gated @ W_e, 0)
+  ref_logits = h_e @ np.asarray(params["softmax"]["W"], np.float64) + np.asarray(params["softmax"]["b"])
+  np.testing.assert_allclose(np.swapaxes(logits, 0, 1), ref_logits, atol=1e-4)
+  log_p = ref_logits - np.log(np.exp(ref_logits).sum(-1, keepdims=True))
+  ref_nll = -np.take_along_axis(log_p, np.asarray(targets).T[..., None], -1).mean()
+  np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
+  assert outs.hmlstm.h[0].shape == (T, B, 6)
+
+
+def test_charlm_trains_the_boundary_detectors():
+  """The loss gradient reaches every layer's weights, the ž rows included."""
+  config = H.CharLMConfig(vocab_size=7, layer_sizes=(8, 8, 8), output_size=8, embed_size=4)
+  params = H.init_charlm(jax.random.key(0), config)
+  tokens = jax.random.randint(jax.random.key(1), (3, 21), 0, 7)
+  grads = jax.jit(jax.grad(lambda p: H.charlm_loss(p, H.initial_state(config.hmlstm, 3), tokens[:, :-1],
+                                           tokens[:, 1:], 1.0, config=config)[0]))(params)
+  for l in range(2):
+    assert float(jnp.abs(grads["hmlstm"][l]["W"][:, -1]).sum()) > 0  # detector row
+    assert float(jnp.abs(grads["hmlstm"][l]["U_top"]).sum()) > 0
+  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_charlm_config_validation():
+  with pytest.raises(ValueError, match="vocab_size"):
+    H.CharLMConfig(vocab_size=0, layer_sizes=(4,), output_size=4)
+  with pytest.raises(ValueError, match="boundary must be one of"):
+    H.CharLMConfig(vocab_size=5, layer_sizes=(4,), output_size=4, boundary="x")
+  config = H.CharLMConfig(vocab_size=5, layer_sizes=[4, 4], output_size=4)
+  assert config.layer_sizes == (4, 4)
+  assert hash(config) == hash(H.CharLMConfig(vocab_size=5, layer_sizes=(4, 4), output_size=4))  # static-arg ready
+  params = H.init_charlm(jax.random.key(0), config)
+  with pytest.raises(ValueError, match=r"\(batch, time\)"):
+    H.charlm_apply(params, H.initial_state(config.hmlstm, 2), jnp.zeros((2, 3, 1), jnp.int32), 1.0,
+                   config=config)

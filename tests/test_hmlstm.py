@@ -1,0 +1,202 @@
+"""The L-layer HM-LSTM (hmlstm.py) against the NumPy reference and against itself."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hmlstm_jax as H
+import numpy_reference
+
+T, B, D = 12, 3, 5
+SIZES = (6, 5, 4)
+
+
+def _setup(boundary="step", layer_norm=False, seed=0, sizes=SIZES):
+  config = H.HMLSTMConfig(input_size=D, layer_sizes=sizes, boundary=boundary, layer_norm=layer_norm)
+  k_p, k_x, k_ln = jax.random.split(jax.random.key(seed), 3)
+  params = H.init_params(k_p, config)
+  if layer_norm:  # non-trivial gains and biases, so that a misplaced one shows
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(k_ln, len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  xs = jax.random.normal(k_x, (T, B, D))
+  return config, params, xs
+
+
+def _float64(tree):
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+@pytest.mark.parametrize("boundary,layer_norm",
+                         list(itertools.product(("step", "sample", "soft"), (False, True))))
+def test_matches_numpy_reference(boundary, layer_norm):
+  """In float64 on both sides, so that any deviation from the equations shows above 1e-9."""
+  config, params, xs = _setup(boundary, layer_norm)
+  slope = 1.7
+  key = jax.random.key(42)
+  with jax.enable_x64(True):
+    params, xs = _float64(params), _float64(xs)
+    state0 = H.initial_state(config, B, jnp.float64)
+    final, out = H.unroll(params, state0, xs, slope, key, config=config)
+    assert out.h[0].dtype == jnp.float64
+    uniforms = None
+    if boundary == "sample":
+      uniforms = np.stack([np.asarray(H.boundary_noise(k, config, B, jnp.float64))[..., 0]
+                           for k in jax.random.split(key, T)])
+    jax_ops = H.operations(state0, out)
+  hs, cs, zs, ops, margin = numpy_reference.run(params, xs, slope, boundary, uniforms)
+  if boundary != "soft":
+    assert margin > 1e-6, "the run passes too close to a boundary flip to compare"
+    seen = {op for layer_ops in ops for op in layer_ops.ravel()}
+    assert seen == {"FLUSH", "UPDATE", "COPY"}, f"the random run must exercise every operation, saw {seen}"
+  for l in range(len(SIZES)):
+    np.testing.assert_allclose(out.h[l], hs[l], atol=1e-9, rtol=1e-9)
+    np.testing.assert_allclose(out.z[l][..., 0], zs[l], atol=1e-9)
+    np.testing.assert_allclose(final[l].c, cs[l][-1], atol=1e-9, rtol=1e-9)
+  if boundary != "soft":
+    names = np.array(["COPY", "UPDATE", "FLUSH"], dtype=object)
+    for l in range(len(SIZES)):
+      np.testing.assert_array_equal(names[np.asarray(jax_ops[l])], ops[l])
+
+
+def test_float32_run_stays_close_to_reference():
+  config, params, xs = _setup("step", layer_norm=True)
+  _, out = H.unroll(params, H.initial_state(config, B), xs, 1.0, config=config)
+  hs, _, zs, _, _ = numpy_reference.run(params, xs, 1.0, "step")
+  for l in range(len(SIZES)):
+    np.testing.assert_allclose(out.h[l], hs[l], atol=2e-4)
+    np.testing.assert_array_equal(out.z[l][..., 0], zs[l])
+
+
+def test_sample_eval_uses_step_function():
+  config, params, xs = _setup("sample")
+  state0 = H.initial_state(config, B)
+  _, out = H.unroll(params, state0, xs, 1.0, None, config=config, deterministic=True)
+  hs, _, zs, _, _ = numpy_reference.run(params, xs, 1.0, "step")
+  for l in range(len(SIZES)):
+    np.testing.assert_allclose(out.z[l][..., 0], zs[l])
+    np.testing.assert_allclose(out.h[l], hs[l], atol=2e-5, rtol=1e-4)
+
+
+def test_sample_without_key_is_a_clear_error():
+  config, params, xs = _setup("sample")
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    H.unroll(params, H.initial_state(config, B), xs, 1.0, None, config=config)
+
+
+def test_layer_one_never_copies_and_last_layer_never_flushes():
+  config, params, xs = _setup("step")
+  state0 = H.initial_state(config, B)
+  _, out = H.unroll(params, state0, xs, 1.0, config=config)
+  ops = H.operations(state0, out)
+  assert not np.any(np.asarray(ops[0]) == H.COPY)
+  assert not np.any(np.asarray(ops[-1]) == H.FLUSH)
+  assert not np.any(np.asarray(out.z[-1]))  # no detector on the last layer
+  assert params[-1]["b"].shape == (4 * SIZES[-1],) and "U_top" not in params[-1]
+  counts = H.operation_counts(ops)
+  assert counts.shape == (3, 3) and int(counts.sum()) == 3 * T * B
+
+
+@jax.enable_x64(True)
+def test_unroll_equals_python_loop_over_step():
+  """float64, so that the only difference left is the order of rounding (the scan hoists W x)."""
+  config, params, xs = _setup("sample", layer_norm=True)
+  params, xs = _float64(params), _float64(xs)
+  key = jax.random.key(3)
+  state = H.initial_state(config, B, jnp.float64)
+  final, out = H.unroll(params, state, xs, 2.0, key, config=config)
+  step = jax.jit(H.step, static_argnames=("config", "deterministic"))
+  for t, k in enumerate(jax.random.split(key, T)):
+    state = step(params, state, xs[t], 2.0, k, config=config)
+    for l in range(len(SIZES)):
+      np.testing.assert_allclose(state[l].h, out.h[l][t], atol=1e-12)
+      np.testing.assert_array_equal(state[l].z, out.z[l][t])
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(final)):
+    np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+@jax.enable_x64(True)
+def test_jit_equals_no_jit():
+  config, params, xs = _setup("step", layer_norm=True)
+  params, xs = _float64(params), _float64(xs)
+  state0 = H.initial_state(config, B, jnp.float64)
+  eager = H.unroll(params, state0, xs, 1.5, config=config)
+  jitted = jax.jit(H.unroll, static_argnames=("config", "deterministic"))(
+      params, state0, xs, 1.5, config=config)
+  for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+    np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_two_segments_equal_one_long_unroll():
+  config, params, xs = _setup("step")
+  state0 = H.initial_state(config, B)
+  full_final, full = H.unroll(params, state0, xs, 1.0, config=config)
+  mid, first = H.unroll(params, state0, xs[:5], 1.0, config=config)
+  last_final, second = H.unroll(params, jax.lax.stop_gradient(mid), xs[5:], 1.0, config=config)
+  for l in range(len(SIZES)):
+    np.testing.assert_allclose(jnp.concatenate([first.h[l], second.h[l]]), full.h[l], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(jnp.concatenate([first.z[l], second.z[l]]), full.z[l])
+  for a, b in zip(jax.tree_util.tree_leaves(last_final), jax.tree_util.tree_leaves(full_final)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_carried_state_is_honoured_against_reference():
+  """A non-zero initial state (a carried segment) enters exactly as the equations say."""
+  config, params, xs = _setup("step", seed=5)
+  state0 = H.initial_state(config, B)
+  mid, _ = H.unroll(params, state0, xs[:6], 1.0, config=config)
+  _, out = H.unroll(params, mid, xs[6:], 1.0, config=config)
+  init = [(s.h, s.c, s.z) for s in mid]
+  hs, _, zs, _, _ = numpy_reference.run(params, xs[6:], 1.0, "step", init=init)
+  for l in range(len(SIZES)):
+    np.testing.assert_allclose(out.h[l], hs[l], atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(out.z[l][..., 0], zs[l])
+
+
+def test_vmap_over_sequences_equals_batch():
+  config, params, xs = _setup("step")
+  state0 = H.initial_state(config, B)
+  _, batched = H.unroll(params, state0, xs, 1.0, config=config)
+
+  def one(x):  # x: (T, D) -> unroll with batch 1
+    _, o = H.unroll(params, H.initial_state(config, 1), x[:, None], 1.0, config=config)
+    return o.h[-1][:, 0]
+
+  np.testing.assert_allclose(jax.vmap(one, in_axes=1, out_axes=1)(xs), batched.h[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_single_layer_is_an_lstm_without_detector():
+  config, params, xs = _setup("step", sizes=(7,))
+  _, out = H.unroll(params, H.initial_state(config, B), xs, 1.0, config=config)
+  hs, _, _, ops, _ = numpy_reference.run(params, xs, 1.0, "step")
+  assert {op for op in ops[0].ravel()} == {"UPDATE"}
+  np.testing.assert_allclose(out.h[0], hs[0], atol=2e-5, rtol=1e-4)
+
+
+def test_bad_config_and_shapes_fail_clearly():
+  with pytest.raises(ValueError, match="boundary must be one of"):
+    H.HMLSTMConfig(input_size=3, layer_sizes=(4,), boundary="hard")
+  with pytest.raises(ValueError, match="layer_sizes"):
+    H.HMLSTMConfig(input_size=3, layer_sizes=())
+  with pytest.raises(ValueError, match="input_size"):
+    H.HMLSTMConfig(input_size=0, layer_sizes=(4,))
+  config, params, xs = _setup()
+  with pytest.raises(ValueError, match="time-major"):
+    H.unroll(params, H.initial_state(config, B), xs[..., :2], 1.0, config=config)
+  with pytest.raises(ValueError, match="state has 1 layers"):
+    H.unroll(params, H.initial_state(config, B)[:1], xs, 1.0, config=config)
+
+
+def test_init_params_shapes_follow_the_paper():
+  config = H.HMLSTMConfig(input_size=3, layer_sizes=(4, 5, 6), layer_norm=True)
+  p = H.init_params(jax.random.key(0), config)
+  assert p[0]["W"].shape == (3, 17) and p[0]["U"].shape == (4, 17) and p[0]["U_top"].shape == (5, 17)
+  assert p[1]["W"].shape == (4, 21) and p[1]["U_top"].shape == (6, 21) and p[1]["b"].shape == (21,)
+  assert p[2]["W"].shape == (5, 24) and p[2]["U"].shape == (6, 24) and "U_top" not in p[2]
+  assert p[2]["ln_U"]["scale"].shape == (24,) and "ln_U_top" not in p[2] and p[2]["ln_c"]["bias"].shape == (6,)
+  assert p[0]["ln_W"]["scale"].shape == (16,)  # gate rows only, not ž
+  np.testing.assert_array_equal(p[1]["b"][:5], 1.0)  # forget-gate bias
+  np.testing.assert_array_equal(p[1]["b"][5:], 0.0)
