@@ -61,10 +61,63 @@ def bottom_up_term(params: LayerParams, h_below: jax.Array) -> jax.Array:
   return normalized_term(h_below @ params["W"], params.get("ln_W"), hidden_size)
 
 
+def layer_kernels(params: LayerParams, hoisted: bool) -> tuple[jax.Array, ...]:
+  """The weight matrices of Eq. 5-7 as the matmuls of one step use them.
+
+  Without layer norm: one fused kernel [W ; U ; U_top] (W left out when the bottom-up term is
+  ``hoisted``, i.e. computed outside the step; U_top absent on the last layer). With layer
+  norm the terms are normalised one by one, so the kernels stay apart: (U, U_top, W).
+  Computing these once before a scan keeps the concatenation out of the loop.
+  """
+  names = ["U"] + (["U_top"] if "U_top" in params else [])
+  if "ln_U" in params:
+    return tuple(params[n] for n in names + ([] if hoisted else ["W"]))
+  names = ([] if hoisted else ["W"]) + names
+  return (jnp.concatenate([params[n] for n in names], axis=0),)
+
+
+def matmul_inputs(layer_norm: bool, h_prev: jax.Array, z_prev: jax.Array,
+                  h_above: jax.Array | None, z_below: jax.Array,
+                  h_below: jax.Array | None) -> tuple[jax.Array, ...]:
+  """The left operands of :func:`layer_kernels`, in the same order.
+
+  Without layer norm the gates are applied to the inputs, [z_below·h_below ; h_prev ;
+  z_prev·h_above], so that one matmul gives the gated sum; with layer norm they are applied
+  after normalisation (:func:`combine_terms`) and the inputs are the plain h's. ``h_above`` is
+  ``None`` on the last layer, ``h_below`` when the bottom-up term is hoisted.
+  """
+  has_top = h_above is not None
+  if layer_norm:
+    return tuple([h_prev] + ([h_above] if has_top else []) + ([] if h_below is None else [h_below]))
+  parts = ([] if h_below is None else [z_below * h_below]) + [h_prev] + ([z_prev * h_above] if has_top else [])
+  return (jnp.concatenate(parts, axis=-1),)
+
+
+def combine_terms(params: LayerParams, projections: tuple[jax.Array, ...], z_prev: jax.Array,
+                  z_below: jax.Array, bottom_up: jax.Array | None = None) -> jax.Array:
+  """s^ℓ_t from the matmul outputs of :func:`layer_kernels` (Eq. 5-7, layer norm, bias).
+
+  ``bottom_up`` is the hoisted z-free term W h^(ℓ-1)_t of :func:`bottom_up_term`, gated here
+  by z_below; without it the bottom-up term is among ``projections``. Only ``b`` and the
+  layer-norm parameters of ``params`` are read (the matrices may be absent).
+  """
+  if "ln_U" in params:
+    hidden_size = params["ln_U"]["scale"].shape[0] // 4
+    s = normalized_term(projections[0], params["ln_U"], hidden_size)
+    if "ln_U_top" in params:
+      s = s + z_prev * normalized_term(projections[1], params["ln_U_top"], hidden_size)
+    if bottom_up is None:
+      bottom_up = normalized_term(projections[-1], params["ln_W"], hidden_size)
+    return s + z_below * bottom_up + params["b"]
+  s = projections[0] + params["b"]
+  return s if bottom_up is None else s + z_below * bottom_up
+
+
 def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
                    h_above: jax.Array | None, z_below: jax.Array,
                    h_below: jax.Array | None = None,
-                   bottom_up: jax.Array | None = None) -> jax.Array:
+                   bottom_up: jax.Array | None = None,
+                   kernels: tuple[jax.Array, ...] | None = None) -> jax.Array:
   """s^ℓ_t = U h^ℓ_{t-1} + z^ℓ_{t-1}·U_top h^(ℓ+1)_{t-1} + z^(ℓ-1)_t·W h^(ℓ-1)_t + b (Eq. 5-7).
 
   The top-down term is switched by the layer's **own previous** boundary ``z_prev``, the
@@ -83,34 +136,20 @@ def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
     h_below: h^(ℓ-1)_t, (B, d_below); give this or ``bottom_up``.
     bottom_up: W h^(ℓ-1)_t already computed by :func:`bottom_up_term` (e.g. for all time
       steps at once), (B, R).
+    kernels: :func:`layer_kernels` of ``params``, if already computed.
 
   Returns:
     s^ℓ_t, (B, R).
   """
   if (h_below is None) == (bottom_up is None):
     raise ValueError("give exactly one of h_below and bottom_up")
-  has_top = h_above is not None
-  if has_top != ("U_top" in params):
+  if (h_above is not None) != ("U_top" in params):
     raise ValueError("h_above must be given exactly when the layer has U_top (every layer but the last)")
-  hidden_size = params["U"].shape[0]
-  if "ln_U" in params:
-    s = normalized_term(h_prev @ params["U"], params["ln_U"], hidden_size)
-    if has_top:
-      s = s + z_prev * normalized_term(h_above @ params["U_top"], params["ln_U_top"], hidden_size)
-    if bottom_up is None:
-      bottom_up = bottom_up_term(params, h_below)
-    return s + z_below * bottom_up + params["b"]
-  inputs, kernels = [h_prev], [params["U"]]
-  if has_top:
-    inputs.append(z_prev * h_above)
-    kernels.append(params["U_top"])
-  if bottom_up is None:
-    inputs.insert(0, z_below * h_below)
-    kernels.insert(0, params["W"])
-  s = jnp.concatenate(inputs, axis=-1) @ jnp.concatenate(kernels, axis=0) + params["b"]
-  if bottom_up is not None:
-    s = s + z_below * bottom_up
-  return s
+  if kernels is None:
+    kernels = layer_kernels(params, hoisted=bottom_up is not None)
+  inputs = matmul_inputs("ln_U" in params, h_prev, z_prev, h_above, z_below, h_below)
+  projections = tuple(x @ k for x, k in zip(inputs, kernels))
+  return combine_terms(params, projections, z_prev, z_below, bottom_up)
 
 
 def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax.Array,

@@ -14,6 +14,7 @@ The equivalent Python loop of :func:`unroll`::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -143,25 +144,142 @@ def _check_state(config: HMLSTMConfig, state: State) -> None:
                      "make it with initial_state(config, batch_size)")
 
 
-def _step_from_bottom_up(params, state: State, bottom_up_1: jax.Array, slope, noise,
-                         config: HMLSTMConfig) -> State:
-  """One step of all layers given layer 1's bottom-up term W_01 x_t (already normalised)."""
+_MATRICES = ("W", "U", "U_top")
+
+
+def _small_params(params) -> tuple[dict, ...]:
+  """Per layer, the parameters that are not matrices: ``b`` and the layer-norm gains/biases."""
+  return tuple({k: v for k, v in p.items() if k not in _MATRICES} for p in params)
+
+
+def _kernels(params) -> tuple[tuple[jax.Array, ...], ...]:
+  """Per layer, :func:`cell.layer_kernels`; layer 1's bottom-up term is hoisted out of the step."""
+  return tuple(cell.layer_kernels(p, hoisted=layer == 0) for layer, p in enumerate(params))
+
+
+def _layer_core(small, projections, bottom_up, c_prev, h_prev, z_prev, z_below, slope, noise,
+                variant):
+  """Eq. 2-9 of one layer from its matmul outputs: the element-wise part of the step."""
+  s = cell.combine_terms(small, projections, z_prev, z_below, bottom_up)
+  return cell.layer_update(s, c_prev, h_prev, z_prev, z_below, slope, variant=variant,
+                           ln_c=small.get("ln_c"), noise=noise)
+
+
+def _layer_context(state: State, new_h, new_z, layer: int):
+  """(h_above, h_below, z_below) of ``layer``: above at t-1 from ``state``; below at t."""
+  L = len(state)
+  h_above = state[layer + 1].h if layer < L - 1 else None
+  if layer == 0:
+    return h_above, None, jnp.ones_like(state[0].z)  # z^0_t = 1; h^0_t enters as bottom_up
+  return h_above, new_h[layer - 1], new_z[layer - 1]
+
+
+def _step_layers(small, kernels, state: State, bottom_up_1, slope, noise, config: HMLSTMConfig):
+  """One step of all layers, bottom to top, from precomputed kernels and layer 1's W x_t.
+
+  Returns the new state and, per layer, the matmul inputs and outputs (the residuals that
+  the custom backward of :func:`_recurrence` keeps).
+  """
   L = config.num_layers
-  new_state = []
-  h_below = None
-  z_below = jnp.ones_like(state[0].z)  # z^0_t = 1
+  new_h, new_z, new_c, inputs, projections = [], [], [], [], []
   for layer in range(L):
-    p, own = params[layer], state[layer]
-    h_above = state[layer + 1].h if layer < L - 1 else None
-    s = cell.pre_activation(
-        p, own.h, own.z, h_above, z_below,
-        h_below=h_below, bottom_up=bottom_up_1 if layer == 0 else None)
-    c, h, z = cell.layer_update(
-        s, own.c, own.h, own.z, z_below, slope, variant=config.boundary,
-        ln_c=p.get("ln_c"), noise=None if noise is None or layer == L - 1 else noise[layer])
-    new_state.append(LayerState(h=h, c=c, z=z))
-    h_below, z_below = h, z
-  return tuple(new_state)
+    own = state[layer]
+    h_above, h_below, z_below = _layer_context(state, new_h, new_z, layer)
+    ins = cell.matmul_inputs(config.layer_norm, own.h, own.z, h_above, z_below, h_below)
+    projs = tuple(x @ k for x, k in zip(ins, kernels[layer]))
+    c, h, z = _layer_core(small[layer], projs, bottom_up_1 if layer == 0 else None, own.c, own.h,
+                          own.z, z_below, slope, _layer_noise(noise, layer, L), config.boundary)
+    new_h.append(h), new_z.append(z), new_c.append(c), inputs.append(ins), projections.append(projs)
+  new_state = tuple(LayerState(h=h, c=c, z=z) for h, c, z in zip(new_h, new_c, new_z))
+  return new_state, tuple(inputs), tuple(projections)
+
+
+def _layer_noise(noise, layer: int, num_layers: int):
+  return None if noise is None or layer == num_layers - 1 else noise[layer]
+
+
+def _scan(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise,
+          keep_residuals: bool):
+  """``lax.scan`` of :func:`_step_layers` over time (the plain, autodiff-able recurrence)."""
+
+  def body(carry, inputs):
+    bu, n = inputs
+    new, ins, projs = _step_layers(small, kernels, carry, bu, slope, n, config)
+    out = (tuple(s.h for s in new), tuple(s.z for s in new))
+    if keep_residuals:
+      out += (carry, ins, projs)
+    return new, out
+
+  return jax.lax.scan(body, state, (bottom_up_1, noise))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise):
+  """The scan over time with a backward pass that defers every weight gradient.
+
+  Forward: as :func:`_scan`. Backward: the reverse scan computes only what the recurrence
+  needs step by step (the cotangents of the state and of each matmul output, and the
+  matmul-input cotangent dX = dY Kᵀ); every kernel gradient is then one large matmul over
+  all T·B rows, dK = Xᵀ dY, instead of T small accumulations inside the loop.
+  """
+  final, (hs, zs) = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
+  return final, hs, zs
+
+
+def _recurrence_fwd(config, small, kernels, state, bottom_up_1, slope, noise):
+  final, (hs, zs, prev, ins, projs) = _scan(config, small, kernels, state, bottom_up_1, slope,
+                                            noise, True)
+  residuals = (small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise)
+  return (final, hs, zs), residuals
+
+
+def _recurrence_bwd(config, residuals, cotangents):
+  small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise = residuals
+  d_final, d_hs, d_zs = cotangents
+  L = config.num_layers
+
+  def body(d_state, xs_t):
+    prev_t, h_t, z_t, projs_t, bu_t, noise_t, dh_t, dz_t = xs_t
+    d_h = [d_state[l].h + dh_t[l] for l in range(L)]  # cotangents of the state at t
+    d_z = [d_state[l].z + dz_t[l] for l in range(L)]
+    d_prev = [None] * L                               # cotangents of the state at t-1
+    d_projs, d_small, d_bu = [None] * L, [None] * L, None
+    for layer in reversed(range(L)):
+      own = prev_t[layer]
+      h_above, h_below, z_below = _layer_context(prev_t, h_t, z_t, layer)
+      n = _layer_noise(noise_t, layer, L)
+      bu = bu_t if layer == 0 else None
+      core = lambda sm, pr, b, c, h, z, zb, n=n: _layer_core(sm, pr, b, c, h, z, zb, slope, n,
+                                                              config.boundary)
+      _, core_vjp = jax.vjp(core, small[layer], projs_t[layer], bu, own.c, own.h, own.z, z_below)
+      d_small[layer], d_projs[layer], d_bu_l, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
+          (d_state[layer].c, d_h[layer], d_z[layer]))
+      d_ins = tuple(dp @ k.T for dp, k in zip(d_projs[layer], kernels[layer]))
+      _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.layer_norm),
+                              own.h, own.z, h_above, z_below, h_below)
+      dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
+      d_prev[layer] = LayerState(h=dh_prev + dh_prev2, c=dc_prev, z=dz_prev + dz_prev2)
+      if layer < L - 1:
+        d_prev[layer + 1] = d_prev[layer + 1]._replace(h=d_prev[layer + 1].h + dh_above)
+      if layer > 0:
+        d_h[layer - 1] = d_h[layer - 1] + dh_below
+        d_z[layer - 1] = d_z[layer - 1] + dz_below + dz_below2
+      else:
+        d_bu = d_bu_l
+    return tuple(d_prev), (tuple(d_projs), tuple(d_small), d_bu)
+
+  d_state0, (d_projs, d_small, d_bu) = jax.lax.scan(
+      body, d_final, (prev, hs, zs, projs, bottom_up_1, noise, d_hs, d_zs), reverse=True)
+  # dK = Xᵀ dY over all T·B rows at once.
+  d_kernels = tuple(
+      tuple(jnp.einsum("tbi,tbo->io", x, dy) for x, dy in zip(ins_l, d_projs_l))
+      for ins_l, d_projs_l in zip(ins, d_projs))
+  d_small = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), d_small)
+  d_noise = None if noise is None else jnp.zeros_like(noise)
+  return d_small, d_kernels, d_state0, d_bu, jnp.zeros_like(slope), d_noise
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def _samples(key, config: HMLSTMConfig, deterministic: bool) -> bool:
@@ -193,15 +311,21 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   _check_state(config, state)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
-  return _step_from_bottom_up(params, state, cell.bottom_up_term(params[0], x_t), slope, noise, config)
+  new_state, _, _ = _step_layers(_small_params(params), _kernels(params), state,
+                                 cell.bottom_up_term(params[0], x_t), slope, noise, config)
+  return new_state
 
 
 def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = None, *,
-           config: HMLSTMConfig, deterministic: bool = False) -> tuple[State, UnrollOutputs]:
+           config: HMLSTMConfig, deterministic: bool = False,
+           fast_backward: bool = True) -> tuple[State, UnrollOutputs]:
   """Runs :func:`step` over a time-major sequence with ``lax.scan``.
 
   The first layer's bottom-up projection W_01 x_t (Eq. 7) is computed for all T steps as one
-  matmul before the scan; inside the scan each layer does one fused matmul per step.
+  matmul before the scan; inside the scan each layer does one fused matmul per step. With
+  ``fast_backward`` (the default) the gradient is the custom backward of
+  :func:`_recurrence`: the same numbers as autodiff of the plain scan, with every weight
+  gradient taken after the reverse scan as one matmul over all T·B rows.
 
   Args:
     params: from :func:`init_params`.
@@ -212,6 +336,8 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     key: PRNG key, split into one key per step (``'sample'`` variant in training only).
     config: the :class:`HMLSTMConfig` (static).
     deterministic: evaluation mode (``'sample'`` uses the step function).
+    fast_backward: use the custom backward (default); ``False`` differentiates the plain
+      ``lax.scan`` with JAX's autodiff (the reference the tests compare against).
 
   Returns:
     ``(final_state, UnrollOutputs(h, z))``: the state after the last step, to carry into the
@@ -223,16 +349,15 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     raise ValueError(f"xs must be time-major (T, B, {config.input_size}), got shape {xs.shape}")
   T, B = xs.shape[:2]
   bottom_up_1 = cell.bottom_up_term(params[0], xs)  # (T, B, R_1): one matmul for all steps
-  sampling = _samples(key, config, deterministic)
-  keys = jax.random.split(key, T) if sampling else None
-
-  def body(carry, inputs):
-    bu, k = inputs
-    noise = boundary_noise(k, config, B, xs.dtype) if sampling else None
-    new = _step_from_bottom_up(params, carry, bu, slope, noise, config)
-    return new, (tuple(s.h for s in new), tuple(s.z for s in new))
-
-  final, (hs, zs) = jax.lax.scan(body, state, (bottom_up_1, keys))
+  noise = None
+  if _samples(key, config, deterministic):
+    noise = jax.vmap(lambda k: boundary_noise(k, config, B, xs.dtype))(jax.random.split(key, T))
+  slope = jnp.asarray(slope, xs.dtype)
+  small, kernels = _small_params(params), _kernels(params)
+  if fast_backward:
+    final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise)
+  else:
+    final, (hs, zs) = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
   return final, UnrollOutputs(h=hs, z=zs)
 
 

@@ -200,3 +200,33 @@ def test_init_params_shapes_follow_the_paper():
   assert p[0]["ln_W"]["scale"].shape == (16,)  # gate rows only, not ž
   np.testing.assert_array_equal(p[1]["b"][:5], 1.0)  # forget-gate bias
   np.testing.assert_array_equal(p[1]["b"][5:], 0.0)
+
+
+@pytest.mark.parametrize("boundary,layer_norm",
+                         list(itertools.product(("step", "sample", "soft"), (False, True))))
+def test_fast_backward_equals_autodiff_of_the_plain_scan(boundary, layer_norm):
+  """The custom backward gives jax.grad of the plain lax.scan: params, initial state, inputs."""
+  config, params, xs = _setup(boundary, layer_norm, seed=11)
+  key = jax.random.key(5)
+  with jax.enable_x64(True):
+    params, xs = _float64(params), _float64(xs)
+    state0 = jax.tree_util.tree_map(
+        lambda x: 0.5 * jnp.ones_like(x), H.initial_state(config, B, jnp.float64))
+    state0 = tuple(s._replace(z=jnp.array([[1.0], [0.0], [1.0]])) for s in state0)
+    weights = [jax.random.normal(jax.random.key(i), (T, B, d), jnp.float64) for i, d in enumerate(SIZES)]
+
+    def loss(params, state, xs, fast):
+      final, out = H.unroll(params, state, xs, 1.3, key, config=config, fast_backward=fast)
+      value = sum(jnp.sum(w * h) for w, h in zip(weights, out.h))
+      value += sum(jnp.sum(z * (l + 1.0)) for l, z in enumerate(out.z))  # z's own cotangent
+      value += sum(jnp.sum(s.c ** 2) + jnp.sum(s.h) + jnp.sum(s.z) for s in final)
+      return value
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    fast, plain = grad(params, state0, xs, True), grad(params, state0, xs, False)
+    assert float(jnp.abs(fast[0][0]["W"][:, -1]).sum()) > 0  # the detector's weights learn
+  flat_fast, tree_fast = jax.tree_util.tree_flatten(fast)
+  flat_plain, tree_plain = jax.tree_util.tree_flatten(plain)
+  assert tree_fast == tree_plain
+  for a, b in zip(flat_fast, flat_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
