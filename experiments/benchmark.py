@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import statistics
 import time
@@ -94,13 +95,14 @@ class LSTMStack(nn.Module):
   vocab: int
   embed: int
   layer_sizes: tuple[int, ...]
+  dtype: str | None = None
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(self.vocab, self.embed)(tokens)
     for d in self.layer_sizes:
-      x = nn.RNN(nn.OptimizedLSTMCell(d))(x)
-    return nn.Dense(self.vocab)(x)
+      x = nn.RNN(nn.OptimizedLSTMCell(d, dtype=self.dtype))(x)
+    return nn.Dense(self.vocab)(x).astype(jnp.float32)
 
 
 def _optimizer():
@@ -111,11 +113,11 @@ def _nll(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def make_hmlstm_step(shape: Shape, layer_norm: bool = False):
+def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str | None = None):
   """(init_args, jitted step) for the HM-LSTM LM; the step returns (params, opt_state, state, loss)."""
   config = hm.CharLMConfig(vocab_size=shape.vocab, layer_sizes=shape.layer_sizes,
                            output_size=shape.output_size, embed_size=shape.embed,
-                           layer_norm=layer_norm)
+                           layer_norm=layer_norm, matmul_dtype=matmul_dtype)
   opt = _optimizer()
   params = hm.init_charlm(jax.random.key(0), config)
 
@@ -129,9 +131,9 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False):
   return args, jax.jit(train_step, donate_argnums=(0, 1, 2))
 
 
-def make_lstm_step(shape: Shape):
+def make_lstm_step(shape: Shape, dtype: str | None = None):
   """(init_args, jitted step) for the Flax LSTM stack, same signature as the HM-LSTM's."""
-  model = LSTMStack(shape.vocab, shape.embed, shape.layer_sizes)
+  model = LSTMStack(shape.vocab, shape.embed, shape.layer_sizes, dtype)
   opt = _optimizer()
   params = model.init(jax.random.key(0), jnp.zeros((shape.batch, shape.steps), jnp.int32))
 
@@ -250,13 +252,17 @@ def time_step(make: Callable, shape: Shape, warmup: int, iters: int) -> dict:
   }
 
 
-def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False) -> dict:
-  """Times both models at ``shape`` in this process; returns one JSON-able record."""
+def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
+        dtype: str | None = None) -> dict:
+  """Times both models at ``shape`` in this process; returns one JSON-able record.
+
+  ``dtype='bfloat16'``: the HM-LSTM's matmul operands in bf16 (float32 accumulation and
+  element-wise math) and the LSTM cells with ``dtype=bfloat16``.
+  """
   hm_flops = train_step_flops(hmlstm_flops_per_token(shape), shape)
   lstm_flops = train_step_flops(lstm_flops_per_token(shape), shape)
-  hm_make = lambda s: make_hmlstm_step(s, layer_norm=layer_norm)
-  hm_res = time_step(hm_make, shape, warmup, iters)
-  lstm_res = time_step(make_lstm_step, shape, warmup, iters)
+  hm_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype), shape, warmup, iters)
+  lstm_res = time_step(lambda s: make_lstm_step(s, dtype), shape, warmup, iters)
   hm_res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / hm_res["median_s"] / 1e9)
   lstm_res.update(step_gflop=lstm_flops / 1e9, achieved_gflops=lstm_flops / lstm_res["median_s"] / 1e9)
   d, L = shape.layer_sizes, len(shape.layer_sizes)
@@ -265,6 +271,7 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False)
   return {
       "shape": dataclasses.asdict(shape),
       "layer_norm": layer_norm,
+      "dtype": dtype or "float32",
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.local_device_count()}",
       "hmlstm": hm_res,
       "lstm": lstm_res,
@@ -290,9 +297,9 @@ def format_table(records: Sequence[dict]) -> str:
       lines.append(
           f"{r['shape']['name']:<7}{model:<9}{m['median_s']:>10.4f}{m['min_s']:>9.4f}"
           f"{m['tokens_per_s']:>10.0f}{m['compile_s']:>11.1f}{m['step_gflop']:>9.2f}"
-          f"{m['achieved_gflops']:>9.1f}{m['peak_memory_mb'] or 0:>9.0f}  {m['loop_matmuls_per_step']}")
+          f"{m['achieved_gflops']:>9.1f}{m['peak_memory_mb']:>9.1f}  {m['loop_matmuls_per_step']}")
     rates = ", ".join(f"{k}: {v:.1f}" for k, v in r["machine_matmul_gflops"].items())
-    lines.append(f"{'':<7}HM-LSTM / LSTM: time {r['time_ratio']:.2f}x, FLOPs {r['flop_ratio']:.2f}x; "
+    lines.append(f"{'':<7}{r['dtype']}, layer norm {r['layer_norm']}. HM-LSTM / LSTM: time {r['time_ratio']:.2f}x, FLOPs {r['flop_ratio']:.2f}x; "
                  f"machine matmul GFLOP/s {rates}")
   lines.append(f"device: {records[0]['device']}")
   return "\n".join(lines)
@@ -304,7 +311,9 @@ flags.DEFINE_list("shapes", ["ptb", "text8"], f"Shapes to time, from {sorted(SHA
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("iters", 5, "Timed steps per model; the median and minimum are reported.")
 flags.DEFINE_bool("layer_norm", False, "Time the HM-LSTM with layer normalisation.")
-flags.DEFINE_string("json_out", None, "Also write the records as JSON to this path.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Matmul operand dtype of both models (bfloat16: float32 accumulation).")
+flags.DEFINE_string("json_out", None, "Also write the records as JSON to this path (atomically).")
 
 
 def main(argv):
@@ -317,14 +326,14 @@ def main(argv):
   records = []
   for name in names:
     print(f"timing {name} ...", flush=True)
-    records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm))
+    dtype = None if FLAGS.dtype == "float32" else FLAGS.dtype
+    records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype))
   print(format_table(records))
   text = json.dumps(records, indent=1)
   print(text)
   if FLAGS.json_out:
     with open(FLAGS.json_out + ".tmp", "w") as f:
       f.write(text)
-    import os
     os.replace(FLAGS.json_out + ".tmp", FLAGS.json_out)
 
 

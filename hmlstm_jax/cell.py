@@ -52,13 +52,25 @@ def normalized_term(projection: jax.Array, ln: Mapping[str, jax.Array] | None,
   return jnp.concatenate([gates, projection[..., 4 * hidden_size:]], axis=-1)
 
 
-def bottom_up_term(params: LayerParams, h_below: jax.Array) -> jax.Array:
+def matmul(x: jax.Array, kernel: jax.Array, dtype: str | None = None) -> jax.Array:
+  """x @ kernel, with the operands cast to ``dtype`` (e.g. ``'bfloat16'``) when given.
+
+  The product is accumulated and returned in x's dtype (float32 accumulation of bf16
+  operands): only the matmul operands lose precision, the element-wise math does not.
+  """
+  if dtype is None:
+    return x @ kernel
+  return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=x.dtype)
+
+
+def bottom_up_term(params: LayerParams, h_below: jax.Array, dtype: str | None = None) -> jax.Array:
   """W_(ℓ-1)ℓ h^(ℓ-1)_t of Eq. 7, layer-normalised when enabled, before the z^(ℓ-1)_t gate.
 
   Works on any leading shape, so the first layer's term for all time steps is one matmul.
+  ``dtype``: matmul operand dtype (see :func:`matmul`).
   """
   hidden_size = params["U"].shape[0]
-  return normalized_term(h_below @ params["W"], params.get("ln_W"), hidden_size)
+  return normalized_term(matmul(h_below, params["W"], dtype), params.get("ln_W"), hidden_size)
 
 
 def layer_kernels(params: LayerParams, hoisted: bool) -> tuple[jax.Array, ...]:

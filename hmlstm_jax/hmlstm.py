@@ -26,6 +26,7 @@ from hmlstm_jax import cell
 # Codes of the operation table (SPEC.md §1), as returned by `operations`.
 COPY, UPDATE, FLUSH = 0, 1, 2
 OPERATION_NAMES = ("COPY", "UPDATE", "FLUSH")
+MATMUL_DTYPES = (None, "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +39,15 @@ class HMLSTMConfig:
     boundary: f_bound of Eq. 8: ``'step'`` (default, the paper's best), ``'sample'`` or
       ``'soft'``.
     layer_norm: layer normalisation of each pre-activation term and of c inside the tanh.
+    matmul_dtype: ``None`` (matmuls in the inputs' dtype) or ``'bfloat16'``: the matmul
+      operands in bf16 with float32 accumulation, everything else in float32 (for GPU, TPU
+      and CPUs with bf16 units).
   """
   input_size: int
   layer_sizes: tuple[int, ...]
   boundary: str = "step"
   layer_norm: bool = False
+  matmul_dtype: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
@@ -52,6 +57,8 @@ class HMLSTMConfig:
       raise ValueError(f"layer_sizes must be a non-empty sequence of positive ints, got {self.layer_sizes!r}")
     if self.boundary not in boundary_lib.BOUNDARY_VARIANTS:
       raise ValueError(f"boundary must be one of {boundary_lib.BOUNDARY_VARIANTS}, got {self.boundary!r}")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
 
   @property
   def num_layers(self) -> int:
@@ -186,7 +193,7 @@ def _step_layers(small, kernels, state: State, bottom_up_1, slope, noise, config
     own = state[layer]
     h_above, h_below, z_below = _layer_context(state, new_h, new_z, layer)
     ins = cell.matmul_inputs(config.layer_norm, own.h, own.z, h_above, z_below, h_below)
-    projs = tuple(x @ k for x, k in zip(ins, kernels[layer]))
+    projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
     c, h, z = _layer_core(small[layer], projs, bottom_up_1 if layer == 0 else None, own.c, own.h,
                           own.z, z_below, slope, _layer_noise(noise, layer, L), config.boundary)
     new_h.append(h), new_z.append(z), new_c.append(c), inputs.append(ins), projections.append(projs)
@@ -198,9 +205,15 @@ def _layer_noise(noise, layer: int, num_layers: int):
   return None if noise is None or layer == num_layers - 1 else noise[layer]
 
 
+def _cast(tree, dtype: str | None):
+  return tree if dtype is None else jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+
+
 def _scan(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise,
           keep_residuals: bool):
   """``lax.scan`` of :func:`_step_layers` over time (the plain, autodiff-able recurrence)."""
+
+  kernels = _cast(kernels, config.matmul_dtype)  # once, outside the loop
 
   def body(carry, inputs):
     bu, n = inputs
@@ -237,6 +250,8 @@ def _recurrence_bwd(config, residuals, cotangents):
   small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise = residuals
   d_final, d_hs, d_zs = cotangents
   L = config.num_layers
+  dtype = config.matmul_dtype
+  kernels_c = _cast(kernels, dtype)
 
   def body(d_state, xs_t):
     prev_t, h_t, z_t, projs_t, bu_t, noise_t, dh_t, dz_t = xs_t
@@ -254,7 +269,7 @@ def _recurrence_bwd(config, residuals, cotangents):
       _, core_vjp = jax.vjp(core, small[layer], projs_t[layer], bu, own.c, own.h, own.z, z_below)
       d_small[layer], d_projs[layer], d_bu_l, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
           (d_state[layer].c, d_h[layer], d_z[layer]))
-      d_ins = tuple(dp @ k.T for dp, k in zip(d_projs[layer], kernels[layer]))
+      d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs[layer], kernels_c[layer]))
       _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.layer_norm),
                               own.h, own.z, h_above, z_below, h_below)
       dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
@@ -272,7 +287,8 @@ def _recurrence_bwd(config, residuals, cotangents):
       body, d_final, (prev, hs, zs, projs, bottom_up_1, noise, d_hs, d_zs), reverse=True)
   # dK = Xᵀ dY over all T·B rows at once.
   d_kernels = tuple(
-      tuple(jnp.einsum("tbi,tbo->io", x, dy) for x, dy in zip(ins_l, d_projs_l))
+      tuple(cell.matmul(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]), dtype)
+            for x, dy in zip(ins_l, d_projs_l))
       for ins_l, d_projs_l in zip(ins, d_projs))
   d_small = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), d_small)
   d_noise = None if noise is None else jnp.zeros_like(noise)
@@ -312,7 +328,8 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
   new_state, _, _ = _step_layers(_small_params(params), _kernels(params), state,
-                                 cell.bottom_up_term(params[0], x_t), slope, noise, config)
+                                 cell.bottom_up_term(params[0], x_t, config.matmul_dtype), slope,
+                                 noise, config)
   return new_state
 
 
@@ -348,7 +365,7 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
   if xs.ndim != 3 or xs.shape[-1] != config.input_size:
     raise ValueError(f"xs must be time-major (T, B, {config.input_size}), got shape {xs.shape}")
   T, B = xs.shape[:2]
-  bottom_up_1 = cell.bottom_up_term(params[0], xs)  # (T, B, R_1): one matmul for all steps
+  bottom_up_1 = cell.bottom_up_term(params[0], xs, config.matmul_dtype)  # (T, B, R_1): one matmul
   noise = None
   if _samples(key, config, deterministic):
     noise = jax.vmap(lambda k: boundary_noise(k, config, B, xs.dtype))(jax.random.split(key, T))

@@ -26,6 +26,8 @@ class CharLMConfig:
     embed_size: input embedding width (128 in the paper).
     boundary: ``'step'``, ``'sample'`` or ``'soft'``.
     layer_norm: layer normalisation in the HM-LSTM.
+    matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
+      (:class:`hmlstm.HMLSTMConfig`).
   """
   vocab_size: int
   layer_sizes: tuple[int, ...]
@@ -33,6 +35,7 @@ class CharLMConfig:
   embed_size: int = 128
   boundary: str = "step"
   layer_norm: bool = False
+  matmul_dtype: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
@@ -46,7 +49,8 @@ class CharLMConfig:
   def hmlstm(self) -> hmlstm.HMLSTMConfig:
     """The HM-LSTM part of the model."""
     return hmlstm.HMLSTMConfig(input_size=self.embed_size, layer_sizes=self.layer_sizes,
-                               boundary=self.boundary, layer_norm=self.layer_norm)
+                               boundary=self.boundary, layer_norm=self.layer_norm,
+                               matmul_dtype=self.matmul_dtype)
 
 
 class CharLMOutputs(NamedTuple):

@@ -230,3 +230,26 @@ def test_fast_backward_equals_autodiff_of_the_plain_scan(boundary, layer_norm):
   assert tree_fast == tree_plain
   for a, b in zip(flat_fast, flat_plain):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_bfloat16_matmuls_stay_close_and_keep_the_backward_exact():
+  config32, params, xs = _setup("soft", layer_norm=True, seed=2)
+  config16 = H.HMLSTMConfig(input_size=D, layer_sizes=SIZES, boundary="soft", layer_norm=True,
+                            matmul_dtype="bfloat16")
+  state0 = H.initial_state(config32, B)
+  _, out32 = H.unroll(params, state0, xs, 1.0, config=config32)
+  _, out16 = H.unroll(params, state0, xs, 1.0, config=config16)
+  assert out16.h[0].dtype == jnp.float32  # element-wise math stays float32
+  np.testing.assert_allclose(out16.h[-1], out32.h[-1], atol=0.05)
+  assert not np.allclose(out16.h[-1], out32.h[-1], atol=1e-6)  # bf16 is really used
+
+  def loss(params, fast):
+    _, out = H.unroll(params, state0, xs, 1.0, config=config16, fast_backward=fast)
+    return sum(jnp.sum(h ** 2) for h in out.h)
+
+  fast, plain = (jax.grad(loss)(params, True), jax.grad(loss)(params, False))
+  for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, atol=0.02 * float(jnp.abs(b).max()) + 1e-6)
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    H.HMLSTMConfig(input_size=D, layer_sizes=SIZES, matmul_dtype="int8")
