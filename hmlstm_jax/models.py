@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
+from hmlstm_jax import lstm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,9 @@ class CharLMConfig:
     layer_norm: layer normalisation in the HM-LSTM.
     matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
       (:class:`hmlstm.HMLSTMConfig`).
+    model: ``'hmlstm'`` (the paper's model) or ``'lstm'``: the LSTM stack baseline
+      (:mod:`hmlstm_jax.lstm`; layer-normalised with ``layer_norm``) with the same output
+      module, as the paper's LayerNorm LSTM baseline (Table 1, †); it has no boundaries.
   """
   vocab_size: int
   layer_sizes: tuple[int, ...]
@@ -36,9 +40,12 @@ class CharLMConfig:
   boundary: str = "step"
   layer_norm: bool = False
   matmul_dtype: str | None = None
+  model: str = "hmlstm"
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
+    if self.model not in MODELS:
+      raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
     for name in ("vocab_size", "output_size", "embed_size"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -53,22 +60,27 @@ class CharLMConfig:
                                matmul_dtype=self.matmul_dtype)
 
 
+MODELS = ("hmlstm", "lstm")
+
+
 class CharLMOutputs(NamedTuple):
   """What :func:`charlm_apply` returns besides the logits."""
   final_state: hmlstm.State      # carry into the next segment (stop its gradient)
-  hmlstm: hmlstm.UnrollOutputs   # per layer h (T, B, d) and z (T, B, 1), time-major
+  rnn: hmlstm.UnrollOutputs      # per layer h (T, B, d) and z (T, B, 1), time-major; z = () for the LSTM
 
 
 def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
-  """Parameters: ``embed`` (V, 128), ``hmlstm`` (:func:`hmlstm.init_params`), ``output``
+  """Parameters: ``embed`` (V, 128), ``hmlstm`` (:func:`hmlstm.init_params`; ``lstm`` for the
+  baseline, :func:`lstm.init_params`), ``output``
   (:func:`heads.init_output_module`), ``softmax`` (:func:`heads.init_softmax`).
 
   The embedding is linear with no non-linearity (SPEC.md §3): row v is x_t for symbol v.
   """
   k_embed, k_rnn, k_out, k_soft = jax.random.split(key, 4)
+  rnn_init = lstm.init_params if config.model == "lstm" else hmlstm.init_params
   return {
       "embed": jax.random.normal(k_embed, (config.vocab_size, config.embed_size), jnp.float32),
-      "hmlstm": hmlstm.init_params(k_rnn, config.hmlstm),
+      config.model: rnn_init(k_rnn, config.hmlstm),
       "output": heads.init_output_module(k_out, config.layer_sizes, config.output_size),
       "softmax": heads.init_softmax(k_soft, config.output_size, config.vocab_size),
   }
@@ -94,11 +106,15 @@ def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be (batch, time), got shape {tokens.shape}")
   xs = params["embed"][tokens.T]  # (T, B, E), time-major for the scan
-  final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key,
-                              config=config.hmlstm, deterministic=deterministic)
+  if config.model == "lstm":
+    final, hs = lstm.unroll(params["lstm"], state, xs, config=config.hmlstm)
+    outs = hmlstm.UnrollOutputs(h=hs, z=())
+  else:
+    final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key,
+                                config=config.hmlstm, deterministic=deterministic)
   h_e = heads.output_module(params["output"], outs.h)
   logits = heads.softmax_logits(params["softmax"], h_e)  # (T, B, V)
-  return jnp.swapaxes(logits, 0, 1), CharLMOutputs(final_state=final, hmlstm=outs)
+  return jnp.swapaxes(logits, 0, 1), CharLMOutputs(final_state=final, rnn=outs)
 
 
 def charlm_loss(params: dict, state: hmlstm.State, inputs: jax.Array, targets: jax.Array,

@@ -49,7 +49,7 @@ def test_softmax_head_and_charlm_loss_match_numpy():
   log_p = ref_logits - np.log(np.exp(ref_logits).sum(-1, keepdims=True))
   ref_nll = -np.take_along_axis(log_p, np.asarray(targets).T[..., None], -1).mean()
   np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
-  assert outs.hmlstm.h[0].shape == (T, B, 6)
+  assert outs.rnn.h[0].shape == (T, B, 6)
 
 
 def test_charlm_trains_the_boundary_detectors():
@@ -77,3 +77,32 @@ def test_charlm_config_validation():
   with pytest.raises(ValueError, match=r"\(batch, time\)"):
     H.charlm_apply(params, H.initial_state(config.hmlstm, 2), jnp.zeros((2, 3, 1), jnp.int32), 1.0,
                    config=config)
+
+
+def test_lstm_baseline_matches_flax_lstm_cell():
+  """Without layer norm the baseline LSTM is Flax's LSTMCell (independent implementation)."""
+  import flax.linen as nn
+  config = H.CharLMConfig(vocab_size=9, layer_sizes=(6, 5), output_size=3, embed_size=4, model="lstm")
+  params = H.init_charlm(jax.random.key(0), config)
+  tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 9)
+  logits, outs = H.charlm_apply(params, H.initial_state(config.hmlstm, 3), tokens, 1.0, config=config)
+  assert outs.rnn.z == ()
+  x = params["embed"][tokens]
+  hs = []
+  for p, d in zip(params["lstm"], config.layer_sizes):
+    cell = nn.OptimizedLSTMCell(d)
+    gates = dict(zip("fiog", range(4)))
+    flax_params = {}
+    for g, k in gates.items():
+      cols = slice(k * d, (k + 1) * d)
+      flax_params["i" + g] = {"kernel": p["W"][:, cols]}
+      flax_params["h" + g] = {"kernel": p["U"][:, cols], "bias": p["b"][cols]}
+    carry = (jnp.zeros((3, d)), jnp.zeros((3, d)))
+    steps = []
+    for t in range(tokens.shape[1]):
+      carry, h = cell.apply({"params": flax_params}, carry, x[:, t])
+      steps.append(h)
+    x = jnp.stack(steps, axis=1)
+    hs.append(x)
+  expected = H.output_module(params["output"], hs) @ params["softmax"]["W"] + params["softmax"]["b"]
+  np.testing.assert_allclose(logits, expected, atol=1e-5)

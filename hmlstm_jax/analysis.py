@@ -1,0 +1,125 @@
+"""What the boundaries learned: update counts, boundary F1, the Fig. 3-4 figure, samples.
+
+* Boundary scoring: layer ℓ's z^ℓ_t against a per-position label (a word separator, a
+  phrase end); precision = P(label | z = 1), recall = P(z = 1 | label), F1 their harmonic mean.
+  z^ℓ_t is produced after reading x_t, so it is compared with the label of x_t itself.
+* The figure follows the paper's Fig. 3-4: a passage of text, one row of cells per layer with
+  a boundary detector beneath it (filled where z = 1), and the ℓ2-norm of every layer's h.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hmlstm_jax import hmlstm
+from hmlstm_jax import models
+
+
+def boundary_counts(z: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Per label, (L, 3) counts of (true positives, false positives, false negatives).
+
+  Args:
+    z: (L, rows, T) boundaries (> 0.5 counts as a boundary).
+    labels: name → (rows, T) bool.
+  """
+  fired = np.asarray(z) > 0.5
+  out = {}
+  for name, lab in labels.items():
+    lab = np.asarray(lab, bool)[None]
+    out[name] = np.stack([(fired & lab).sum((1, 2)), (fired & ~lab).sum((1, 2)),
+                          (~fired & lab).sum((1, 2))], axis=1)
+  return out
+
+
+def precision_recall_f1(counts: np.ndarray) -> np.ndarray:
+  """(L, 3) (tp, fp, fn) → (L, 3) (precision, recall, F1); 0 where undefined."""
+  tp, fp, fn = (np.asarray(counts, np.float64)[:, i] for i in range(3))
+  precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+  recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=tp + fn > 0)
+  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                 where=precision + recall > 0)
+  return np.stack([precision, recall, f1], axis=1)
+
+
+def passage(params, config: models.CharLMConfig, tokens: np.ndarray, slope: float):
+  """Runs one stream from the zero state; returns z (L, N) and ‖h^ℓ_t‖ (L, N)."""
+  tokens = jnp.asarray(tokens, jnp.int32)[None]
+  _, outs = jax.jit(models.charlm_apply, static_argnames=("config", "deterministic"))(
+      params, hmlstm.initial_state(config.hmlstm, 1), tokens, slope, config=config,
+      deterministic=True)
+  h_norm = np.stack([np.linalg.norm(np.asarray(h)[:, 0], axis=-1) for h in outs.rnn.h])
+  z = np.stack([np.asarray(z)[:, 0, 0] for z in outs.rnn.z]) if outs.rnn.z else np.zeros((0, tokens.shape[1]))
+  return z, h_norm
+
+
+def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, title: str = "",
+                    chars_per_row: int = 60) -> None:
+  """Writes the Fig. 3-4 style PNG to ``path`` atomically (temporary file, then rename).
+
+  Args:
+    text: the passage, one character per step (newlines shown as '⏎').
+    z: (L, N) boundaries; rows of layers without a detector (the last) are skipped.
+    h_norm: (L, N) norms of h^ℓ_t.
+  """
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError as err:
+    raise ImportError("the boundary figure needs matplotlib: pip install 'hmlstm_jax[plot]'") from err
+  n = len(text)
+  detectors = z[:-1] if len(z) else z
+  chunks = [(s, min(s + chars_per_row, n)) for s in range(0, n, chars_per_row)]
+  fig, axes = plt.subplots(len(chunks) + 1, 1, figsize=(chars_per_row * 0.22, 1.2 * len(chunks) + 2.5),
+                           gridspec_kw={"height_ratios": [1] * len(chunks) + [2]})
+  for ax, (s, e) in zip(axes, chunks):
+    rows = max(len(detectors), 1)
+    ax.imshow(detectors[:, s:e] if len(detectors) else np.zeros((1, e - s)), cmap="Greys",
+              vmin=0, vmax=1, aspect="auto", extent=(-0.5, e - s - 0.5, rows - 0.5, -0.5))
+    ax.set_yticks(range(rows), [f"z{l + 1}" for l in range(rows)], fontsize=7)
+    ax.set_xticks(range(e - s), ["⏎" if c == "\n" else c for c in text[s:e]], fontsize=7,
+                  family="monospace")
+    ax.tick_params(axis="x", length=0, labeltop=True, labelbottom=False)
+    ax.set_xlim(-0.5, chars_per_row - 0.5)
+  for l, norms in enumerate(h_norm):
+    axes[-1].plot(norms, label=f"‖h{l + 1}‖", linewidth=1)
+  axes[-1].set_xlim(0, max(n - 1, 1))
+  axes[-1].set_xlabel("step")
+  axes[-1].legend(fontsize=7, loc="upper right")
+  if title:
+    axes[0].set_title(title, fontsize=9)
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
+  plt.close(fig)
+  os.replace(tmp.name, path)
+
+
+def sample(params, config: models.CharLMConfig, prompt: np.ndarray, num_chars: int,
+           key: jax.Array, num_samples: int, slope: float) -> np.ndarray:
+  """Sampled continuations: reads ``prompt`` (ids), then draws ``num_chars`` symbols from the
+  model's softmax, feeding each back; returns (num_samples, num_chars) ids."""
+  prompt = jnp.broadcast_to(jnp.asarray(prompt, jnp.int32), (num_samples, len(prompt)))
+  apply = lambda state, tokens: models.charlm_apply(params, state, tokens, slope, config=config,
+                                                    deterministic=True)
+
+  @jax.jit
+  def run(key):
+    logits, outs = apply(hmlstm.initial_state(config.hmlstm, num_samples), prompt)
+
+    def body(carry, k):
+      state, last_logits = carry
+      token = jax.random.categorical(k, last_logits)
+      logits, outs = apply(state, token[:, None])
+      return (outs.final_state, logits[:, 0]), token
+
+    _, tokens = jax.lax.scan(body, (outs.final_state, logits[:, -1]), jax.random.split(key, num_chars))
+    return tokens.T
+
+  return np.asarray(run(key))

@@ -1,0 +1,205 @@
+"""Text8, enwik8 and Penn Treebank (characters) as TFDS builders, and the loader that reads them.
+
+Each builder downloads its canonical archive (SPEC.md §4) or takes the one the user placed in
+the manual directory, checks its size, and writes the paper's three splits as array_record
+files (no TensorFlow needed) of consecutive chunks of the byte stream, in order
+(``disable_shuffling``). :func:`load_corpus` prepares a builder if needed and returns the
+splits as arrays of symbol ids with the vocabulary built from the training split.
+
+* text8: ``text8.zip`` (100,000,000 characters): first 90M train, next 5M validation, last 5M test.
+* enwik8: ``enwik8.zip`` (100,000,000 bytes): the same 90/5/5 cut of the bytes.
+* ptb_char: Mikolov's ``simple-examples.tgz``, ``data/ptb.char.{train,valid,test}.txt``: one
+  sentence a line, characters separated by spaces, ``_`` between words. Each line becomes its
+  characters followed by ``\\n`` (end of sentence), giving the ~50 symbols of the paper.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tarfile
+import urllib.parse
+import zipfile
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from hmlstm_jax.data.corpus import Corpus
+from hmlstm_jax.data.corpus import Vocabulary
+from hmlstm_jax.data.corpus import separator_labels
+
+CHUNK_BYTES = 1 << 20
+SPLITS = ("train", "validation", "test")
+
+
+class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
+  """A character corpus stored as ordered byte chunks; subclasses say where the bytes come from."""
+  VERSION = tfds.core.Version("1.0.0")
+  URL: str = ""
+  ARCHIVE: str = ""
+  ARCHIVE_BYTES: int = 0  # the canonical archive's size, checked after download
+  HOMEPAGE: str = ""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Download the archive named in the error message into the manual directory."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "index": np.int64,
+            "chunk": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+        }),
+        disable_shuffling=True,  # as a DatasetInfo argument: a class attribute is ignored
+        homepage=self.HOMEPAGE,
+    )
+
+  def _archive_path(self, dl_manager) -> str:
+    """The archive in the manual directory, else downloaded from ``URL``; clear error otherwise."""
+    try:
+      manual = os.fspath(dl_manager.manual_dir)
+    except AssertionError:  # no manual directory, or an empty one
+      manual = None
+    if manual and os.path.exists(os.path.join(manual, self.ARCHIVE)):
+      path = os.path.join(manual, self.ARCHIVE)
+      logging.info("%s: using %s (sha256 %s)", self.name, path, sha256_of(path))
+      return path
+    try:
+      _check_reachable(self.URL)  # fail in seconds, not after TFDS's ten retries with backoff
+      path = os.fspath(dl_manager.download(self.URL))
+    except Exception as err:  # network errors come in many types
+      where = manual or os.fspath(getattr(dl_manager, "_manual_dir", None) or "<data_dir>/downloads/manual")
+      raise FileNotFoundError(
+          f"{self.name}: {self.ARCHIVE} is not in the manual directory {where} and downloading "
+          f"{self.URL} failed ({type(err).__name__}: {err}). Download {self.URL} yourself, put "
+          f"{self.ARCHIVE} in {where}, and run again.") from err
+    size = os.path.getsize(path)
+    if self.ARCHIVE_BYTES and size != self.ARCHIVE_BYTES:
+      raise ValueError(f"{path} has {size} bytes, the canonical {self.ARCHIVE} has "
+                       f"{self.ARCHIVE_BYTES}: delete it and download again")
+    logging.info("%s: downloaded %s (%d bytes, sha256 %s)", self.name, path, size, sha256_of(path))
+    return path
+
+  def read_splits(self, archive: str) -> dict[str, bytes]:
+    """The three splits' bytes from the archive (subclasses)."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    data = self.read_splits(self._archive_path(dl_manager))
+    return {split: self._generate_examples(data[split]) for split in SPLITS}
+
+  def _generate_examples(self, data: bytes):
+    for i, start in enumerate(range(0, len(data), CHUNK_BYTES)):
+      yield i, {"index": i, "chunk": np.frombuffer(data[start:start + CHUNK_BYTES], np.uint8)}
+
+
+def _check_reachable(url: str, timeout: float = 10.0) -> None:
+  """Opens (and closes) a TCP connection to the URL's host; raises OSError if it cannot."""
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == "https" else 80)
+  socket.create_connection((parts.hostname, port), timeout=timeout).close()
+
+
+def _cut_90_5_5(data: bytes) -> dict[str, bytes]:
+  n = len(data)
+  a, b = n * 90 // 100, n * 95 // 100
+  return {"train": data[:a], "validation": data[a:b], "test": data[b:]}
+
+
+def _read_zip_member(archive: str, member: str) -> bytes:
+  with zipfile.ZipFile(archive) as z:
+    if member not in z.namelist():
+      raise ValueError(f"{archive} has no member {member!r} (it has {z.namelist()[:5]})")
+    return z.read(member)
+
+
+class Text8(CorpusBuilder):
+  """text8: the first 10^8 characters of a cleaned English Wikipedia dump (27 symbols)."""
+  URL = "http://mattmahoney.net/dc/text8.zip"
+  ARCHIVE = "text8.zip"
+  ARCHIVE_BYTES = 31_344_016
+  HOMEPAGE = "http://mattmahoney.net/dc/textdata.html"
+
+  def read_splits(self, archive):
+    return _cut_90_5_5(_read_zip_member(archive, "text8"))
+
+
+class Enwik8(CorpusBuilder):
+  """enwik8 (Hutter Prize): the first 10^8 bytes of an English Wikipedia XML dump."""
+  URL = "http://mattmahoney.net/dc/enwik8.zip"
+  ARCHIVE = "enwik8.zip"
+  ARCHIVE_BYTES = 36_445_475
+  HOMEPAGE = "http://prize.hutter1.net/"
+
+  def read_splits(self, archive):
+    return _cut_90_5_5(_read_zip_member(archive, "enwik8"))
+
+
+def read_ptb_char(text: bytes | str) -> bytes:
+  """Mikolov's ptb.char format → a byte stream: each line's characters, then ``\\n``."""
+  if isinstance(text, bytes):
+    text = text.decode("ascii")
+  return "".join("".join(line.split()) + "\n" for line in text.splitlines() if line.strip()).encode("ascii")
+
+
+class PtbChar(CorpusBuilder):
+  """Penn Treebank, Mikolov's character-level version (~50 symbols, ``_`` between words)."""
+  URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+  ARCHIVE = "simple-examples.tgz"
+  ARCHIVE_BYTES = 34_869_662
+  HOMEPAGE = "http://www.fit.vutbr.cz/~imikolov/rnnlm/"
+  FILES = {"train": "ptb.char.train.txt", "validation": "ptb.char.valid.txt", "test": "ptb.char.test.txt"}
+
+  def read_splits(self, archive):
+    out = {}
+    with tarfile.open(archive, "r:gz") as tar:
+      members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+      for split, name in self.FILES.items():
+        if name not in members:
+          raise ValueError(f"{archive} has no data/{name}")
+        out[split] = read_ptb_char(tar.extractfile(members[name]).read())
+    return out
+
+
+BUILDERS = {"text8": Text8, "enwik8": Enwik8, "ptb": PtbChar}
+
+# Characters that end a word (and so where a first-layer boundary is expected) per corpus.
+WORD_SEPARATORS = {"text8": b" ", "enwik8": b" \n", "ptb": b"_\n"}
+
+
+def read_split_bytes(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """The split's bytes, chunks in order, from the prepared array_record files."""
+  source = builder.as_data_source(split)
+  chunks = sorted((source[i] for i in range(len(source))), key=lambda ex: int(ex["index"]))
+  return np.concatenate([np.asarray(ex["chunk"], np.uint8) for ex in chunks])
+
+
+def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> Corpus:
+  """Prepares (once) and loads ``name`` ∈ {'text8', 'enwik8', 'ptb'}.
+
+  Args:
+    name: the corpus.
+    data_dir: TFDS data directory (default ``~/tensorflow_datasets``).
+    manual_dir: where a pre-downloaded archive is looked for (default
+      ``<data_dir>/downloads/manual``).
+  """
+  if name not in BUILDERS:
+    raise ValueError(f"unknown corpus {name!r}; choose from {sorted(BUILDERS)}")
+  builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  raw = {split: read_split_bytes(builder, split) for split in SPLITS}
+  vocab = Vocabulary.from_bytes(raw["train"])
+  return Corpus(
+      name=name, vocab=vocab,
+      splits={s: vocab.encode(b, f"the {s} split of {name}") for s, b in raw.items()},
+      labels={s: separator_labels(b, WORD_SEPARATORS[name]) for s, b in raw.items()})
+
+
+def sha256_of(path: str) -> str:
+  """Hex SHA-256 of a file (logged after a download, so that a run records what it read)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
