@@ -1,9 +1,10 @@
-# `make test` on a fresh machine: makes .venv, installs hmlstm_jax[test] into it, runs the suite.
+# On a fresh machine: `make demo` trains the demo HM-LSTM, `make test` runs the test suite.
+# Each makes .venv (Python 3.11) and installs hmlstm_jax with the extras it needs.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean
+.PHONY: test demo benchmark install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,5 +16,13 @@ install: $(PY)
 test: install
 	$(PY) -m pytest -q tests
 
+demo: $(PY)
+	$(PY) -m pip install --quiet -e '.[plot]'
+	$(PY) -m experiments.charlm --flagfile=demo.flags
+
+benchmark: $(PY)
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m experiments.benchmark
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info workdirs

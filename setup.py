@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "plot": ["matplotlib>=3.8"],                  # the boundary figure (Fig. 3-4 style)
+        "test": ["pytest>=8.0", "matplotlib>=3.8"],
     },
 )

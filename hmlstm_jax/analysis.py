@@ -35,6 +35,15 @@ def boundary_counts(z: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, n
   return out
 
 
+def with_next_step(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Adds ``'<name>+1'``: each label moved one step later (the step just after a word end).
+
+  The paper sees z^1 fire "at or just after" spaces; scoring against both shows which.
+  """
+  shifted = {f"{name}+1": np.concatenate([[False], np.asarray(lab, bool)[:-1]]) for name, lab in labels.items()}
+  return {**labels, **shifted}
+
+
 def precision_recall_f1(counts: np.ndarray) -> np.ndarray:
   """(L, 3) (tp, fp, fn) → (L, 3) (precision, recall, F1); 0 where undefined."""
   tp, fp, fn = (np.asarray(counts, np.float64)[:, i] for i in range(3))
@@ -61,7 +70,7 @@ def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, tit
   """Writes the Fig. 3-4 style PNG to ``path`` atomically (temporary file, then rename).
 
   Args:
-    text: the passage, one character per step (newlines shown as '⏎').
+    text: the passage, one character per step (newlines shown as '⏎', spaces as '␣').
     z: (L, N) boundaries; rows of layers without a detector (the last) are skipped.
     h_norm: (L, N) norms of h^ℓ_t.
   """
@@ -81,7 +90,7 @@ def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, tit
     ax.imshow(detectors[:, s:e] if len(detectors) else np.zeros((1, e - s)), cmap="Greys",
               vmin=0, vmax=1, aspect="auto", extent=(-0.5, e - s - 0.5, rows - 0.5, -0.5))
     ax.set_yticks(range(rows), [f"z{l + 1}" for l in range(rows)], fontsize=7)
-    ax.set_xticks(range(e - s), ["⏎" if c == "\n" else c for c in text[s:e]], fontsize=7,
+    ax.set_xticks(range(e - s), [{"\n": "⏎", " ": "␣"}.get(c, c) for c in text[s:e]], fontsize=7,
                   family="monospace")
     ax.tick_params(axis="x", length=0, labeltop=True, labelbottom=False)
     ax.set_xlim(-0.5, chars_per_row - 0.5)

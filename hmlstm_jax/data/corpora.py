@@ -113,26 +113,30 @@ def _read_zip_member(archive: str, member: str) -> bytes:
     return z.read(member)
 
 
-class Text8(CorpusBuilder):
+class ZipCorpus(CorpusBuilder):
+  """A corpus that is one file ``MEMBER`` in a zip archive, cut 90 / 5 / 5 in order."""
+  MEMBER: str = ""
+
+  def read_splits(self, archive):
+    return _cut_90_5_5(_read_zip_member(archive, self.MEMBER))
+
+
+class Text8(ZipCorpus):
   """text8: the first 10^8 characters of a cleaned English Wikipedia dump (27 symbols)."""
   URL = "http://mattmahoney.net/dc/text8.zip"
   ARCHIVE = "text8.zip"
   ARCHIVE_BYTES = 31_344_016
   HOMEPAGE = "http://mattmahoney.net/dc/textdata.html"
-
-  def read_splits(self, archive):
-    return _cut_90_5_5(_read_zip_member(archive, "text8"))
+  MEMBER = "text8"
 
 
-class Enwik8(CorpusBuilder):
+class Enwik8(ZipCorpus):
   """enwik8 (Hutter Prize): the first 10^8 bytes of an English Wikipedia XML dump."""
   URL = "http://mattmahoney.net/dc/enwik8.zip"
   ARCHIVE = "enwik8.zip"
   ARCHIVE_BYTES = 36_445_475
   HOMEPAGE = "http://prize.hutter1.net/"
-
-  def read_splits(self, archive):
-    return _cut_90_5_5(_read_zip_member(archive, "enwik8"))
+  MEMBER = "enwik8"
 
 
 def read_ptb_char(text: bytes | str) -> bytes:

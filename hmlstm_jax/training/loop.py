@@ -149,7 +149,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: int | None 
     train = data.StreamBatcher(corpus.splits["train"], config.batch_size, config.seq_len,
                                process_index=jax.process_index(), process_count=jax.process_count())
     evals = {split: data.StreamBatcher(corpus.splits[split], config.eval_batch_size, config.seq_len,
-                                       labels=corpus.labels[split], drop_remainder=False)
+                                       labels=analysis.with_next_step(corpus.labels[split]),
+                                       drop_remainder=False)
              for split in ("validation", "test")}
   except ValueError as err:
     raise ValueError(f"{config.dataset}: {err}") from err

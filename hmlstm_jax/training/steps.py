@@ -82,7 +82,7 @@ def train_step(state: TrainState, inputs: jax.Array, targets: jax.Array, slope: 
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
       rnn_state=jax.lax.stop_gradient(outs.final_state))
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(params, rnn_state: hmlstm.State, inputs: jax.Array, targets: jax.Array,
