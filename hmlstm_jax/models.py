@@ -88,7 +88,8 @@ def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
 
 def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
                  key: jax.Array | None = None, *, config: CharLMConfig,
-                 deterministic: bool = False) -> tuple[jax.Array, CharLMOutputs]:
+                 deterministic: bool = False,
+                 fast_backward: bool = True) -> tuple[jax.Array, CharLMOutputs]:
   """Logits of the next symbol at every position: embedding → Eq. 1-9 → Eq. 11-12 → softmax.
 
   Args:
@@ -99,6 +100,7 @@ def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
     key: PRNG key for the ``'sample'`` boundary in training.
     config: the :class:`CharLMConfig` (static).
     deterministic: evaluation mode.
+    fast_backward: the HM-LSTM's custom backward (:func:`hmlstm.unroll`); ``False``: autodiff.
 
   Returns:
     ``(logits, CharLMOutputs)`` with logits (B, T, V) for the symbol after each token.
@@ -110,8 +112,8 @@ def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
     final, hs = lstm.unroll(params["lstm"], state, xs, config=config.hmlstm)
     outs = hmlstm.UnrollOutputs(h=hs, z=())
   else:
-    final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key,
-                                config=config.hmlstm, deterministic=deterministic)
+    final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key, config=config.hmlstm,
+                                deterministic=deterministic, fast_backward=fast_backward)
   h_e = heads.output_module(params["output"], outs.h)
   logits = heads.softmax_logits(params["softmax"], h_e)  # (T, B, V)
   return jnp.swapaxes(logits, 0, 1), CharLMOutputs(final_state=final, rnn=outs)
@@ -119,7 +121,8 @@ def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
 
 def charlm_loss(params: dict, state: hmlstm.State, inputs: jax.Array, targets: jax.Array,
                 slope, key: jax.Array | None = None, *, config: CharLMConfig,
-                deterministic: bool = False) -> tuple[jax.Array, CharLMOutputs]:
+                deterministic: bool = False,
+                fast_backward: bool = True) -> tuple[jax.Array, CharLMOutputs]:
   """Mean next-symbol negative log-likelihood in nats (BPC = NLL / ln 2), §4.1.
 
   Args:
@@ -130,7 +133,7 @@ def charlm_loss(params: dict, state: hmlstm.State, inputs: jax.Array, targets: j
     ``(nll, CharLMOutputs)``; differentiate with ``jax.value_and_grad(..., has_aux=True)``.
   """
   logits, outs = charlm_apply(params, state, inputs, slope, key, config=config,
-                              deterministic=deterministic)
+                              deterministic=deterministic, fast_backward=fast_backward)
   log_probs = jax.nn.log_softmax(logits)
   nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   return jnp.mean(nll), outs

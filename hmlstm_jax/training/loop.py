@@ -119,7 +119,8 @@ def _summary_lines(name: str, result: dict) -> list[str]:
                    f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)")
     for label, prf in result["boundaries"].items():
       for l, (p, r, f) in enumerate(prf[:-1]):
-        lines.append(f"  z{l + 1} vs {label} ends: precision {p:.3f}  recall {r:.3f}  F1 {f:.3f}")
+        where = f"{label[:-2]} ends +1 step" if label.endswith("+1") else f"{label} ends"
+        lines.append(f"  z{l + 1} vs {where}: precision {p:.3f}  recall {r:.3f}  F1 {f:.3f}")
   return lines
 
 
