@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from hmlstm_jax import data
-from hmlstm_jax.data import batching
 from hmlstm_jax.data import corpora
 from hmlstm_jax.data import synthetic
 from conftest import SHARED_DATA
