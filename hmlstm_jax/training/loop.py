@@ -141,6 +141,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: int | None 
     ValueError: a setting that cannot work (before any training).
     FloatingPointError: a non-finite loss; the last good checkpoint is left as it was.
   """
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+        "multi-host training is not implemented yet: the steps are pmapped over this host's "
+        "devices only, and checkpoints hold this host's rows; run one process per job")
   devices = parallel.local_devices(config.num_devices)
   config.check_devices(len(devices))
   corpus = data.load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
