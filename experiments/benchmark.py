@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import statistics
 import time
@@ -31,6 +30,8 @@ import jax.numpy as jnp
 import optax
 
 import hmlstm_jax as hm
+from hmlstm_jax import files
+from hmlstm_jax.training import steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +107,6 @@ class LSTMStack(nn.Module):
     return nn.Dense(self.vocab)(x).astype(jnp.float32)
 
 
-def _optimizer():
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
-
-
 def _nll(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
@@ -124,7 +121,7 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str |
   config = hm.CharLMConfig(vocab_size=shape.vocab, layer_sizes=shape.layer_sizes,
                            output_size=shape.output_size, embed_size=shape.embed,
                            layer_norm=layer_norm, matmul_dtype=matmul_dtype)
-  opt = _optimizer()
+  opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
   params = hm.init_charlm(jax.random.key(0), config)
 
   def train_step(params, opt_state, state, inputs, targets, slope):
@@ -140,7 +137,7 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str |
 def make_lstm_step(shape: Shape, dtype: str | None = None):
   """(init_args, jitted step) for the Flax LSTM stack, same signature as the HM-LSTM's."""
   model = LSTMStack(shape.vocab, shape.embed, shape.layer_sizes, dtype)
-  opt = _optimizer()
+  opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
   params = model.init(jax.random.key(0), jnp.zeros((shape.batch, shape.steps), jnp.int32))
 
   def train_step(params, opt_state, state, inputs, targets, slope):
@@ -348,9 +345,7 @@ def main(argv):
   text = json.dumps(records, indent=1)
   print(text)
   if FLAGS.json_out:
-    with open(FLAGS.json_out + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(FLAGS.json_out + ".tmp", FLAGS.json_out)
+    files.write_atomically(FLAGS.json_out, text)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hmlstm_jax import files
 from hmlstm_jax import hmlstm
 from hmlstm_jax import models
 
@@ -102,12 +102,10 @@ def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, tit
   if title:
     axes[0].set_title(title, fontsize=9)
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as tmp:
-    fig.savefig(tmp, format="png", dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
-  os.replace(tmp.name, path)
+  files.write_atomically(path, png.getvalue())
 
 
 def sample(params, config: models.CharLMConfig, prompt: np.ndarray, num_chars: int,

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 
@@ -25,6 +24,7 @@ import numpy as np
 from hmlstm_jax import analysis
 from hmlstm_jax import boundary
 from hmlstm_jax import data
+from hmlstm_jax.files import write_atomically
 from hmlstm_jax import hmlstm
 from hmlstm_jax.training import checkpoints
 from hmlstm_jax.training import metrics as metrics_lib
@@ -38,14 +38,6 @@ def say(message: str) -> None:
   logging.info(message)
   if jax.process_index() == 0:
     print(message, flush=True)
-
-
-def write_atomically(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    f.write(text)
-  os.replace(f.name, path)
 
 
 class _Preemption:
