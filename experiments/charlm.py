@@ -5,112 +5,173 @@ r"""Character-level language modelling with the HM-LSTM (§4.1 of the paper).
 
 A ``--flagfile`` given by bare name is looked up in ``experiments/flags/`` when it is not a
 path that exists; flags after the flagfile override it. The run resumes from the last
-checkpoint in ``--workdir``. This binary only turns flags into a
-:class:`hmlstm_jax.training.TrainConfig` and calls
-:func:`hmlstm_jax.training.train_and_evaluate`, which the tests call too.
+checkpoint in ``--workdir``. Every flag is a field of :class:`Config` (the model's settings
+are :class:`hmlstm_jax.CharLMConfig`'s, the trainer's :class:`hmlstm_jax.training.TrainConfig`'s).
+
+The experiment, as the trainer sees it (:class:`CharLM`): a corpus cut into contiguous
+streams (truncated BPTT, the state carried from segment to segment), the character LM's
+parameters, its mean NLL per character as the loss, NLL sums, operation counts and boundary
+hits as evaluation sums (BPC = NLL / ln 2, the validation objective being the NLL), and a
+report with the boundary figure (Fig. 3-4) and sampled continuations.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from hmlstm_jax import analysis
 from hmlstm_jax import data
-from hmlstm_jax import training
+from hmlstm_jax import hmlstm
+from hmlstm_jax import models
+from hmlstm_jax.settings import nested
+from hmlstm_jax.settings import setting
+from hmlstm_jax.training import Data
+from hmlstm_jax.training import Experiment
+from hmlstm_jax.training import TrainConfig
 
 FLAGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
 
-_D = training.TrainConfig()
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, config.json, "
-                    "results.json and the boundary figure; a run in an existing workdir resumes. "
-                    "Default: workdirs/<name of the last flagfile> (or workdirs/<dataset>).")
-flags.DEFINE_enum("dataset", _D.dataset, list(data.DATASETS),
-                  "Corpus: 'synthetic' (generated, no download), 'ptb', 'text8' or 'enwik8'.")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
-flags.DEFINE_string("manual_dir", None, "Directory holding a pre-downloaded archive "
-                    "(text8.zip, enwik8.zip, simple-examples.tgz); default <data_dir>/downloads/manual.")
-flags.DEFINE_integer("synthetic_chars", _D.synthetic_chars,
-                     "Training characters of the synthetic corpus (validation and test: a tenth each).")
-flags.DEFINE_integer("synthetic_seed", _D.synthetic_seed, "Seed of the synthetic corpus's grammar and text.")
-flags.DEFINE_enum("model", _D.model, ["hmlstm", "lstm"],
-                  "'hmlstm', or 'lstm' for the (layer-norm) LSTM baseline with the same output module.")
-flags.DEFINE_list("layer_sizes", [str(d) for d in _D.layer_sizes], "Units per layer, e.g. 512,512,512.")
-flags.DEFINE_integer("output_size", _D.output_size, "Width of the output embedding h^e (Eq. 12).")
-flags.DEFINE_integer("embed_size", _D.embed_size, "Width of the input embedding (128 in the paper).")
-flags.DEFINE_enum("boundary", _D.boundary, ["step", "sample", "soft"],
-                  "Boundary function f_bound (Eq. 8): step, sample (Bernoulli) or soft (hard sigmoid).")
-flags.DEFINE_bool("layer_norm", _D.layer_norm, "Layer normalisation (the paper's best results use it).")
-flags.DEFINE_enum("matmul_dtype", "float32", ["float32", "bfloat16"],
-                  "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Streams per batch (global, over all devices and hosts).")
-flags.DEFINE_integer("seq_len", _D.seq_len, "Truncated-BPTT segment length in characters.")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Initial Adam learning rate.")
-flags.DEFINE_float("clip_norm", _D.clip_norm, "Global gradient-norm clipping threshold.")
-flags.DEFINE_float("lr_decay_factor", _D.lr_decay_factor,
-                   "Learning-rate factor applied when the validation NLL stops improving (1/50).")
-flags.DEFINE_integer("plateau_patience", _D.plateau_patience,
-                     "Evaluations without improvement before the learning rate is cut.")
-flags.DEFINE_float("max_slope", _D.max_slope, "Slope annealing: a = min(max_slope, 1 + slope_rate * epoch).")
-flags.DEFINE_float("slope_rate", _D.slope_rate, "Slope increase per epoch; 0 disables annealing (a = 1).")
-flags.DEFINE_float("num_epochs", _D.num_epochs, "Training epochs (may be fractional).")
-flags.DEFINE_integer("seed", _D.seed, "Seed of the parameters and of the boundary sampling.")
-flags.DEFINE_integer("num_devices", None, "Local devices to use (default: all).")
-flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Streams per evaluation batch.")
-flags.DEFINE_integer("eval_every", _D.eval_every, "Validate every this many steps.")
-flags.DEFINE_integer("eval_max_segments", None,
-                     "Cap on validation segments during training (the final evaluation is complete).")
-flags.DEFINE_integer("log_every", _D.log_every, "Log and write TensorBoard scalars every this many steps.")
-flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoint every this many steps.")
-flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Latest checkpoints kept (the best is kept apart).")
-flags.DEFINE_integer("figure_chars", _D.figure_chars, "Validation characters shown in the boundary figure.")
-flags.DEFINE_integer("num_samples", _D.num_samples, "Sampled continuations printed at the end.")
-flags.DEFINE_integer("sample_chars", _D.sample_chars, "Length of each sampled continuation.")
-FLAGS = flags.FLAGS
-_FLAGFILE_STEM = []  # the last --flagfile's name, for the default workdir
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A character-LM run: the corpus, the model (nested), the trainer (nested), the report."""
+  dataset: str = setting("synthetic", "Corpus: 'synthetic' (generated, no download), 'ptb', "
+                         "'text8' or 'enwik8'.", choices=data.DATASETS)
+  data_dir: str | None = setting(None, "TFDS data directory (default ~/tensorflow_datasets).",
+                                 changeable=True)
+  manual_dir: str | None = setting(
+      None, "Directory holding a pre-downloaded archive (text8.zip, enwik8.zip, "
+      "simple-examples.tgz); default <data_dir>/downloads/manual.", changeable=True)
+  synthetic_chars: int = setting(200_000, "Training characters of the synthetic corpus "
+                                 "(validation and test: a tenth each).")
+  synthetic_seed: int = setting(0, "Seed of the synthetic corpus's grammar and text.")
+  seq_len: int = setting(100, "Truncated-BPTT segment length in characters.")
+  figure_chars: int = setting(180, "Validation characters shown in the boundary figure.",
+                              changeable=True)
+  num_samples: int = setting(3, "Sampled continuations printed at the end.", changeable=True)
+  sample_chars: int = setting(200, "Length of each sampled continuation.", changeable=True)
+  model: models.CharLMConfig = nested(models.CharLMConfig)
+  train: TrainConfig = nested(TrainConfig)
+
+  def __post_init__(self):
+    for name in ("synthetic_chars", "seq_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+    for name in ("figure_chars", "num_samples", "sample_chars"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
-def config_from_flags() -> training.TrainConfig:
-  """The :class:`TrainConfig` the parsed flags describe."""
-  names = [f.name for f in training.TrainConfig.__dataclass_fields__.values()]
-  values = {name: FLAGS[name].value for name in names}
-  values["layer_sizes"] = tuple(int(d) for d in FLAGS.layer_sizes)
-  values["matmul_dtype"] = None if FLAGS.matmul_dtype == "float32" else FLAGS.matmul_dtype
-  return training.TrainConfig(**values)
+class CharLM(Experiment):
+  """The character LM of §4.1 as an experiment of the shared trainer."""
+  objective = "nll"
+
+  def __init__(self, config: Config):
+    super().__init__(config)
+    self.model = config.model  # its vocab_size is set by load_data
+
+  def load_data(self, hosts) -> Data:
+    c, t = self.config, self.config.train
+    corpus = data.load(c.dataset, data_dir=c.data_dir, manual_dir=c.manual_dir,
+                       synthetic_seed=c.synthetic_seed, synthetic_chars=c.synthetic_chars)
+    self.corpus = corpus
+    self.label_names = list(analysis.with_next_step(corpus.labels["validation"]))  # print order
+    self.model = dataclasses.replace(c.model, vocab_size=corpus.vocab.size)
+    try:
+      train = data.StreamBatcher(corpus.splits["train"], t.batch_size, c.seq_len,
+                                 process_index=hosts.index, process_count=hosts.count)
+      evals = {split: data.StreamBatcher(corpus.splits[split], t.eval_batch_size, c.seq_len,
+                                         labels=analysis.with_next_step(corpus.labels[split]),
+                                         process_index=hosts.index, process_count=hosts.count,
+                                         drop_remainder=False)
+               for split in ("validation", "test")}
+    except ValueError as err:
+      raise ValueError(f"{c.dataset}: {err}") from None
+    return Data(
+        train=train, evals=evals, items_per_batch=t.batch_size * c.seq_len, item_name="tokens",
+        description=(f"{self.model.model} on {c.dataset} ({corpus.vocab.size} symbols): "
+                     f"{len(train)} segments of {t.batch_size} x {c.seq_len} per epoch"))
+
+  def init_params(self, key):
+    return models.init_charlm(key, self.model)
+
+  def init_carry(self, rows: int):
+    return hmlstm.initial_state(self.model.hmlstm, rows)
+
+  def loss(self, params, carry, batch, slope, key):
+    nll, outs = models.charlm_loss(params, carry, batch.inputs, batch.targets, slope, key,
+                                   config=self.model)
+    return nll, (outs.final_state, {})
+
+  def eval_sums(self, params, carry, batch, slope):
+    """NLL sum and count; for the HM-LSTM the (COPY, UPDATE, FLUSH) counts per layer and each
+    layer's boundary hits against the batch's labels (deterministic boundaries)."""
+    logits, outs = models.charlm_apply(params, carry, batch.inputs, slope, config=self.model,
+                                       deterministic=True)
+    nll = models.token_nll(logits, batch.targets)
+    sums = {"nll": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
+    if outs.rnn.z:
+      sums["op_counts"] = hmlstm.operation_counts(hmlstm.operations(carry, outs.rnn))
+      z = jnp.stack([jnp.swapaxes(z[..., 0], 0, 1) for z in outs.rnn.z])  # (L, rows, T)
+      sums["boundaries"] = analysis.boundary_counts(z, batch.labels)
+    return outs.final_state, sums
+
+  def summarize(self, sums):
+    nll = float(sums["nll"] / sums["count"])
+    result = {"nll": nll, "bpc": nll / math.log(2), "chars": int(sums["count"])}
+    if "op_counts" in sums:
+      result["op_counts"] = sums["op_counts"].tolist()  # per layer (COPY, UPDATE, FLUSH)
+      result["boundaries"] = {name: analysis.precision_recall_f1(sums["boundaries"][name]).tolist()
+                              for name in self.label_names}
+    return result
+
+  def summary_lines(self, name, result):
+    lines = [f"{name}: BPC {result['bpc']:.4f} over {result['chars']} characters"]
+    if "op_counts" in result:
+      counts = np.asarray(result["op_counts"])
+      for l, (copy, update, flush) in enumerate(counts):
+        lines.append(f"  layer {l + 1}: UPDATE {update:.0f}  COPY {copy:.0f}  FLUSH {flush:.0f}  "
+                     f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)")
+      for label, prf in result["boundaries"].items():
+        for l, (p, r, f) in enumerate(prf[:-1]):
+          where = f"{label[:-2]} ends +1 step" if label.endswith("+1") else f"{label} ends"
+          lines.append(f"  z{l + 1} vs {where}: precision {p:.3f}  recall {r:.3f}  F1 {f:.3f}")
+    return lines
+
+  def train_scalars(self, loss):
+    return {"BPC": loss / math.log(2)}
+
+  def report(self, params, slope, workdir):
+    """The boundary figure (HM-LSTM) and sampled continuations of a validation prompt."""
+    c, corpus, out, lines = self.config, self.corpus, {}, []
+    if self.model.model == "hmlstm" and c.figure_chars:
+      text_ids = corpus.splits["validation"][:c.figure_chars]
+      z, h_norm = analysis.passage(params, self.model, text_ids, slope)
+      figure = os.path.join(workdir, "boundaries.png")
+      analysis.boundary_figure(figure, corpus.vocab.decode(text_ids), z, h_norm,
+                               title=f"{c.dataset}: boundaries z and ‖h‖ on validation text")
+      out["figure"] = figure
+      lines.append(f"figure: {figure}")
+    if c.num_samples and c.sample_chars:
+      prompt = corpus.splits["validation"][:50]
+      samples = analysis.sample(params, self.model, prompt, c.sample_chars,
+                                jax.random.key(c.train.seed + 1), c.num_samples, slope)
+      out["samples"] = [corpus.vocab.decode(s) for s in samples]
+      lines.append(f"samples after {corpus.vocab.decode(prompt)!r}:")
+      lines += [f"  {s!r}" for s in out["samples"]]
+    return out, lines
 
 
-def resolve_flagfiles(argv: list[str]) -> list[str]:
-  """``--flagfile=NAME`` → ``experiments/flags/NAME`` when NAME is not an existing path."""
-  out = []
-  for arg in argv:
-    if arg.startswith("--flagfile="):
-      path = arg.split("=", 1)[1]
-      if not os.path.exists(path) and os.path.exists(os.path.join(FLAGS_DIR, path)):
-        arg = "--flagfile=" + os.path.join(FLAGS_DIR, path)
-      _FLAGFILE_STEM[:] = [os.path.splitext(os.path.basename(path))[0]]
-    out.append(arg)
-  return out
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 for library INFO logs
-  try:
-    config = config_from_flags()
-  except ValueError as err:
-    sys.exit(f"charlm: bad flags: {err}")
-  workdir = FLAGS.workdir or os.path.join("workdirs", (_FLAGFILE_STEM or [config.dataset])[0])
-  logging.info("workdir %s; config:\n%s", workdir, config.to_json())
-  try:
-    result = training.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError) as err:  # settings or data that cannot work: before training
-    sys.exit(f"charlm: {err}")
-  del result  # train_and_evaluate printed the report
+def default_workdir(config: Config, flagfile: str | None) -> str:
+  """``workdirs/<flagfile name>`` (or ``workdirs/<dataset>``)."""
+  return os.path.join("workdirs", flagfile or config.dataset)
 
 
 if __name__ == "__main__":
-  app.run(main, argv=resolve_flagfiles(sys.argv))
+  from hmlstm_jax.training import cli
+  cli.run_binary("charlm", Config, CharLM, FLAGS_DIR, default_workdir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BOUNDARY_VARIANTS = ("step", "sample", "soft")
 
@@ -108,6 +109,9 @@ def slope_schedule(epoch: jax.Array | float, max_slope: float = 5.0,
     rate: increase of the slope per epoch.
 
   Returns:
-    The slope a as a float32 scalar.
+    The slope a as a float32 scalar: a JAX array for an array ``epoch``, a NumPy scalar for a
+    Python number (the same float32 arithmetic on the host, with no device work: the trainer
+    computes each step's slope this way).
   """
-  return jnp.minimum(jnp.float32(max_slope), 1.0 + rate * jnp.asarray(epoch, jnp.float32))
+  xp = jnp if isinstance(epoch, jax.Array) else np
+  return xp.minimum(xp.float32(max_slope), xp.float32(1.0) + xp.float32(rate) * xp.float32(epoch))

@@ -5,11 +5,39 @@ import os
 import tempfile
 
 
+def is_remote(path: str) -> bool:
+  """A cloud path (``gs://bucket/...``): written through ``etils.epath``, not the local OS."""
+  return "://" in str(path)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_atomically(path: str, data: str | bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+  """Writes ``data`` to ``path`` whole or not at all.
+
+  Locally: a temporary file in the same directory, renamed over ``path``; its permissions
+  follow the umask like any new file (``tempfile`` would leave 0600); on failure (a full
+  disk) the temporary file is removed. A cloud object (``gs://``) is written in one upload,
+  which becomes visible only when complete.
+  """
+  raw = data.encode("utf-8") if isinstance(data, str) else data
+  if is_remote(path):
+    from etils import epath
+    epath.Path(path).write_bytes(raw)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  with tempfile.NamedTemporaryFile(mode, dir=directory, delete=False, suffix=".tmp") as f:
-    f.write(data)
-  os.replace(f.name, path)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(raw)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 from hmlstm_jax import lstm
+from hmlstm_jax.settings import setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,8 @@ class CharLMConfig:
   """Static description of the character LM (hashable).
 
   Attributes:
-    vocab_size: number of symbols.
+    vocab_size: number of symbols (``None`` until the corpus is loaded; required by
+      :func:`init_charlm`).
     layer_sizes: HM-LSTM widths d_1 … d_L (PTB: 512 × 3; Text8/enwik8: 1024 × 3).
     output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048).
     embed_size: input embedding width (128 in the paper).
@@ -33,14 +35,19 @@ class CharLMConfig:
       (:mod:`hmlstm_jax.lstm`; layer-normalised with ``layer_norm``) with the same output
       module, as the paper's LayerNorm LSTM baseline (Table 1, †); it has no boundaries.
   """
-  vocab_size: int
-  layer_sizes: tuple[int, ...]
-  output_size: int
-  embed_size: int = 128
-  boundary: str = "step"
-  layer_norm: bool = False
-  matmul_dtype: str | None = None
-  model: str = "hmlstm"
+  vocab_size: int | None = setting(
+      None, "Number of symbols; set from the corpus's vocabulary.", flag=False)
+  model: str = setting("hmlstm", "'hmlstm', or 'lstm' for the (layer-norm) LSTM baseline with "
+                       "the same output module.", choices=("hmlstm", "lstm"))
+  layer_sizes: tuple[int, ...] = setting((512, 512, 512), "Units per layer, e.g. 512,512,512.")
+  output_size: int = setting(512, "Width of the output embedding h^e (Eq. 12).")
+  embed_size: int = setting(128, "Width of the input embedding (128 in the paper).")
+  boundary: str = setting("step", "Boundary function f_bound (Eq. 8): step, sample (Bernoulli) "
+                          "or soft (hard sigmoid).", choices=("step", "sample", "soft"))
+  layer_norm: bool = setting(False, "Layer normalisation (the paper's best results use it).")
+  matmul_dtype: str | None = setting(
+      None, "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).",
+      choices={"float32": None, "bfloat16": "bfloat16"})
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
@@ -48,6 +55,8 @@ class CharLMConfig:
       raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
     for name in ("vocab_size", "output_size", "embed_size"):
       value = getattr(self, name)
+      if name == "vocab_size" and value is None:
+        continue  # set from the data before the model is built
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     self.hmlstm  # validates the rest
@@ -76,6 +85,9 @@ def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
 
   The embedding is linear with no non-linearity (SPEC.md §3): row v is x_t for symbol v.
   """
+  if config.vocab_size is None:
+    raise ValueError("CharLMConfig.vocab_size is None: set it from the corpus "
+                     "(dataclasses.replace(config, vocab_size=corpus.vocab.size))")
   k_embed, k_rnn, k_out, k_soft = jax.random.split(key, 4)
   rnn_init = lstm.init_params if config.model == "lstm" else hmlstm.init_params
   return {
@@ -134,6 +146,10 @@ def charlm_loss(params: dict, state: hmlstm.State, inputs: jax.Array, targets: j
   """
   logits, outs = charlm_apply(params, state, inputs, slope, key, config=config,
                               deterministic=deterministic, fast_backward=fast_backward)
+  return jnp.mean(token_nll(logits, targets)), outs
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """−log softmax(logits)[target] per position, in nats: (B, T, V), (B, T) → (B, T)."""
   log_probs = jax.nn.log_softmax(logits)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  return jnp.mean(nll), outs
+  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]

@@ -52,27 +52,27 @@ def test_batch_k_plus_1_continues_batch_k():
   b = data.StreamBatcher(tokens, batch_size=4, seq_len=7, labels={"even": tokens % 2 == 0})
   assert b.stream_len == 249 and b.num_segments == 35
   for k in range(b.num_segments - 1):
-    now, nxt = b.segment(k), b.segment(k + 1)
+    now, nxt = b[k], b[k + 1]
     np.testing.assert_array_equal(nxt.inputs[:, 0], now.inputs[:, -1] + 1)  # same row continues
     np.testing.assert_array_equal(now.targets, now.inputs + 1)              # next symbol
     np.testing.assert_array_equal(now.labels["even"], now.inputs % 2 == 0)
-  np.testing.assert_array_equal(b.segment(0).inputs[:, 0], [0, 249, 498, 747])  # contiguous streams
+  np.testing.assert_array_equal(b[0].inputs[:, 0], [0, 249, 498, 747])  # contiguous streams
   tail = data.StreamBatcher(tokens, 4, 7, drop_remainder=False)
-  assert tail.num_segments == 36 and tail.segment(35).inputs.shape == (4, 4)
+  assert tail.num_segments == 36 and tail[35].inputs.shape == (4, 4)
   with pytest.raises(IndexError):
-    b.segment(35)
+    b[35]
 
 
 def test_rows_are_divided_over_hosts_and_devices():
   tokens = np.arange(801)
   full = data.StreamBatcher(tokens, 8, 10)
   host1 = data.StreamBatcher(tokens, 8, 10, process_index=1, process_count=2)
-  np.testing.assert_array_equal(host1.segment(3).inputs, full.segment(3).inputs[4:])
-  per_device = data.split_over_devices(full.segment(0).inputs, 4)
+  np.testing.assert_array_equal(host1[3].inputs, full[3].inputs[4:])
+  per_device = data.split_over_devices(full[0].inputs, 4)
   assert per_device.shape == (4, 2, 10)
-  np.testing.assert_array_equal(per_device[1], full.segment(0).inputs[2:4])
+  np.testing.assert_array_equal(per_device[1], full[0].inputs[2:4])
   with pytest.raises(ValueError, match="cannot be split evenly over 3 devices"):
-    data.split_over_devices(full.segment(0).inputs, 3)
+    data.split_over_devices(full[0].inputs, 3)
 
 
 def test_segment_longer_than_split_is_a_clear_error():

@@ -9,23 +9,21 @@ Rows are divided over hosts and devices: host h owns the rows
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
-class Segment:
-  """One batch of the streams: arrays of shape (rows, T) (or (devices, rows/device, T))."""
+class Segment(NamedTuple):
+  """One batch of the streams (a pytree): arrays of shape (rows, T)."""
   inputs: np.ndarray
   targets: np.ndarray
   labels: dict[str, np.ndarray]  # per-position boolean labels of the inputs (e.g. word ends)
-  index: int                     # k: the position of this segment in its epoch
 
 
 class StreamBatcher:
-  """Serves the truncated-BPTT segments of one split.
+  """Serves the truncated-BPTT segments of one split: ``len()`` segments, ``[k]`` segment k
+  (the trainer's :class:`~hmlstm_jax.training.Batches`).
 
   Args:
     tokens: the whole split as integer ids, (N,).
@@ -61,16 +59,19 @@ class StreamBatcher:
     full = stream_len // seq_len
     self.num_segments = full if drop_remainder or stream_len % seq_len == 0 else full + 1
 
-  def segment(self, k: int) -> Segment:
+  def __len__(self) -> int:
+    return self.num_segments
+
+  def __getitem__(self, k: int) -> Segment:
     """Segment k of the epoch (0 ≤ k < ``num_segments``)."""
     if not 0 <= k < self.num_segments:
       raise IndexError(f"segment {k} outside [0, {self.num_segments})")
     cols = slice(k * self.seq_len, min((k + 1) * self.seq_len, self.stream_len))
     return Segment(inputs=self.inputs[:, cols], targets=self.targets[:, cols],
-                   labels={name: v[:, cols] for name, v in self.labels.items()}, index=k)
+                   labels={name: v[:, cols] for name, v in self.labels.items()})
 
   def __iter__(self) -> Iterator[Segment]:
-    return (self.segment(k) for k in range(self.num_segments))
+    return (self[k] for k in range(self.num_segments))
 
 
 def split_over_devices(array: np.ndarray, num_devices: int) -> np.ndarray:

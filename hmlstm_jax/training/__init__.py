@@ -1,6 +1,14 @@
-"""Training the character LM (§4.1): config, per-device steps, device mapping, checkpoints."""
+"""The trainer every experiment shares (resume, steps over the devices, plateau, checkpoints,
+progress, TensorBoard); it knows no model. An experiment plugs in as an :class:`Experiment`."""
 from hmlstm_jax.training.config import TrainConfig
-from hmlstm_jax.training.loop import evaluate
-from hmlstm_jax.training.loop import train_and_evaluate
+from hmlstm_jax.training.errors import NonFiniteError
+from hmlstm_jax.training.errors import Preempted
+from hmlstm_jax.training.errors import RunError
+from hmlstm_jax.training.experiment import Batches
+from hmlstm_jax.training.experiment import Data
+from hmlstm_jax.training.experiment import Experiment
+from hmlstm_jax.training.experiment import Hosts
+from hmlstm_jax.training.trainer import train_and_evaluate
 
-__all__ = ["TrainConfig", "evaluate", "train_and_evaluate"]
+__all__ = ["Batches", "Data", "Experiment", "Hosts", "NonFiniteError", "Preempted", "RunError",
+           "TrainConfig", "train_and_evaluate"]

@@ -1,56 +1,125 @@
-"""Orbax checkpoints of a run: the last few, and the best by validation NLL.
+"""Orbax checkpoints of a run: the last few, and the best by the validation objective.
 
-A checkpoint holds the whole :class:`steps.TrainState` (parameters, Adam state, the carried
-recurrent state of every row, the plateau state, the RNG key, the step) and a JSON record of
-the rest (data position, slope, best validation NLL, evaluation history). Orbax writes each
-checkpoint to a temporary directory and renames it when complete, so a checkpoint on disk is
-never half-written.
+``<workdir>/checkpoints/<step>`` holds the whole :class:`~.steps.TrainState` (parameters, Adam
+state, the carried state of every row, the plateau state, the RNG key, the step) and a JSON
+record of the rest (data position, slope, the best step so far and its objective, the
+evaluation history). Orbax writes each checkpoint into a temporary directory and renames it
+when complete, so a checkpoint and everything that describes it appear together or not at
+all.
+
+The best checkpoint is not a second copy: each checkpoint's record names the best step, and
+that step is kept (besides the latest ``keep``) until a newer checkpoint names another. A
+kill at any moment leaves the latest checkpoint and the best it names on disk.
+
+Resuming takes the newest checkpoint that can be read. Newer ones that cannot (truncated or
+garbled files) are moved to ``<workdir>/checkpoints_unreadable/`` with a warning that names
+them; if none can be read the run stops with one line.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
+from hmlstm_jax import files
+from hmlstm_jax.training.errors import RunError
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
 
 class Checkpointer:
-  """``<workdir>/checkpoints`` (last ``keep``) and ``<workdir>/best`` (the best one)."""
+  """``<workdir>/checkpoints``: the latest ``keep`` checkpoints and the best one."""
 
   def __init__(self, workdir: str, keep: int):
-    options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True,
-                                                     enable_async_checkpointing=False)
-    self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                        options=options(keep), item_names=("state", "meta"))
-    self.best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
-                                      options=options(1), item_names=("state", "meta"))
+    root = str(workdir) if files.is_remote(workdir) else os.path.abspath(workdir)
+    self.directory = os.path.join(root, "checkpoints")
+    self.unreadable_dir = os.path.join(root, "checkpoints_unreadable")
+    self.keep = keep
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True))
 
-  @staticmethod
-  def _save(manager, step: int, state: Any, meta: dict) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
-    """Saves ``state`` (host arrays) and ``meta`` (JSON-able) at ``step``; also as best."""
-    if self.latest.latest_step() != step:
-      self._save(self.latest, step, state, meta)
-    if best:
-      self._save(self.best, step, state, meta)
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves ``state`` (host arrays) and ``meta`` (JSON-able, with ``best_step``) at ``step``,
+    then deletes the checkpoints that are neither among the latest ``keep`` nor the best."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except Exception as err:  # a full disk, a lost bucket: Orbax raises many types
+      self._remove_temporaries()
+      raise RunError(f"could not write checkpoint {step} in {self.directory} ({_first_line(err)}); "
+                     "the previous checkpoints are intact: free space or fix the directory, and "
+                     "run again") from None
+    steps = self.steps()
+    keep = set(steps[-self.keep:]) | {meta.get("best_step")}
+    for s in steps:
+      if s not in keep:
+        self.manager.delete(s)
 
-  def latest_step(self) -> int | None:
-    return self.latest.latest_step()
+  def _remove_temporaries(self) -> None:
+    if files.is_remote(self.directory) or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if _TMP_MARK in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self.manager.reload()
 
-  def restore(self, abstract_state: Any, best: bool = False) -> tuple[Any, dict]:
-    """The latest (or best) checkpoint, shaped like ``abstract_state``."""
-    manager = self.best if best else self.latest
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  def restore(self, step: int, template: Any) -> tuple[Any, dict]:
+    """Checkpoint ``step``, shaped like ``template``."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def restore_latest(self, template: Any, warn: Callable[[str], None]) -> tuple[Any, dict] | None:
+    """The newest readable checkpoint, or None when there is none at all.
+
+    Unreadable newer checkpoints are moved aside with a warning. Raises RunError when
+    checkpoints exist but none can be read (then nothing is moved).
+    """
+    steps = self.steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        state, meta = self.restore(step, template)
+      except Exception as err:  # truncated or garbled files: Orbax raises many types
+        failures.append((step, err))
+        continue
+      for bad, err in failures:
+        moved = self._move_aside(bad)
+        warn(f"warning: checkpoint {bad} in {self.directory} cannot be read ({_first_line(err)}); "
+             f"moved to {moved}, resuming from step {step}")
+      return state, meta
+    if failures:
+      step, err = failures[0]
+      raise RunError(f"no checkpoint in {self.directory} can be read (step {step}: "
+                     f"{_first_line(err)}); move the directory aside to start afresh")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.unreadable_dir, f"{step}-{int(time.time())}")
+    if files.is_remote(source):
+      from etils import epath
+      epath.Path(source).rename(target)
+    else:
+      os.makedirs(self.unreadable_dir, exist_ok=True)
+      os.replace(source, target)
+    self.manager.reload()
+    return target
+
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    self.manager.close()

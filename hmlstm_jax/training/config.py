@@ -1,84 +1,76 @@
-"""The configuration of a character-LM run (§4.1): model, data, optimisation, bookkeeping."""
+"""The trainer's settings: batches, optimisation, the slope schedule, cadence and bookkeeping."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
-from hmlstm_jax import data
-from hmlstm_jax import models
+from hmlstm_jax import boundary
+from hmlstm_jax.settings import setting
+from hmlstm_jax.training import steps
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything a run depends on. ``experiments/charlm.py`` builds it from flags.
+  """What the trainer needs of a run; an experiment's config nests it as its ``train`` field.
 
-  The paper's procedure (SPEC.md §4): Adam, global-norm clipping at ``clip_norm``, segments
-  of ``seq_len`` characters with the state carried between batches, the learning rate divided
-  by ``1 / lr_decay_factor`` (50) when the validation NLL stops improving, slope annealing
-  a = min(max_slope, 1 + slope_rate · epoch).
+  The paper's procedure (SPEC.md §4): Adam, global-norm clipping at ``clip_norm``, the
+  learning rate multiplied by ``lr_decay_factor`` (1/50) when the validation objective stops
+  improving, slope annealing a = min(max_slope, 1 + slope_rate · epoch) (§3.3). Settings
+  marked changeable may differ when a run resumes; the others must match the checkpoint's.
   """
-  # data
-  dataset: str = "synthetic"
-  data_dir: str | None = None
-  manual_dir: str | None = None
-  synthetic_chars: int = 200_000
-  synthetic_seed: int = 0
-  # model
-  model: str = "hmlstm"
-  layer_sizes: tuple[int, ...] = (512, 512, 512)
-  output_size: int = 512
-  embed_size: int = 128
-  boundary: str = "step"
-  layer_norm: bool = False
-  matmul_dtype: str | None = None
-  # optimisation
-  batch_size: int = 64
-  seq_len: int = 100
-  learning_rate: float = 0.002
-  clip_norm: float = 1.0
-  lr_decay_factor: float = 0.02
-  plateau_patience: int = 1
-  max_slope: float = 5.0
-  slope_rate: float = 0.04
-  num_epochs: float = 1.0
-  seed: int = 0
-  num_devices: int | None = None
-  # evaluation and bookkeeping
-  eval_batch_size: int = 16
-  eval_every: int = 1000
-  eval_max_segments: int | None = None
-  log_every: int = 50
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 3
-  figure_chars: int = 180
-  num_samples: int = 3
-  sample_chars: int = 200
+  batch_size: int = setting(64, "Rows (streams or sequences) per training batch, global over "
+                            "all devices and hosts.")
+  eval_batch_size: int = setting(16, "Rows per evaluation batch.")
+  learning_rate: float = setting(0.002, "Initial Adam learning rate.")
+  clip_norm: float = setting(1.0, "Global gradient-norm clipping threshold.")
+  lr_decay_factor: float = setting(0.02, "Learning-rate factor applied when the validation "
+                                   "objective stops improving (1/50), in (0, 1).")
+  plateau_patience: int = setting(1, "Evaluations without improvement before the learning "
+                                  "rate is cut.")
+  max_slope: float = setting(5.0, "Slope annealing: a = min(max_slope, 1 + slope_rate * epoch).")
+  slope_rate: float = setting(0.04, "Slope increase per epoch; 0 disables annealing (a = 1).")
+  num_epochs: float = setting(1.0, "Training epochs (may be fractional; may be raised to "
+                              "continue a finished run).", changeable=True)
+  seed: int = setting(0, "Seed of the parameters and of every step's randomness.")
+  num_devices: int | None = setting(None, "Local devices to use (default: all).",
+                                    changeable=True)
+  eval_every: int = setting(1000, "Validate every this many steps (and at the end).")
+  eval_max_segments: int | None = setting(
+      None, "Cap on validation batches during training (the final evaluation is complete).")
+  log_every: int = setting(50, "Progress line and TensorBoard scalars every this many steps.",
+                           changeable=True)
+  checkpoint_every: int = setting(500, "Checkpoint every this many steps.", changeable=True)
+  keep_checkpoints: int = setting(3, "Latest checkpoints kept (the best is kept besides).",
+                                  changeable=True)
 
   def __post_init__(self):
-    object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
-    if self.dataset not in data.DATASETS:
-      raise ValueError(f"unknown dataset {self.dataset!r}; choose from {data.DATASETS}")
-    for name in ("batch_size", "seq_len", "eval_batch_size", "eval_every", "log_every",
-                 "checkpoint_every", "keep_checkpoints", "synthetic_chars"):
+    for name in ("batch_size", "eval_batch_size", "eval_every", "log_every", "checkpoint_every",
+                 "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+    for name in ("num_devices", "eval_max_segments"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"{name} must be at least 1 (or unset), got {getattr(self, name)}")
     if not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
       raise ValueError(f"num_epochs must be positive, got {self.num_epochs}")
-    if not 0 < self.lr_decay_factor <= 1:
-      raise ValueError(f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
-    self.model_config  # validates the model fields
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+    if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+      raise ValueError(f"clip_norm must be positive, got {self.clip_norm}")
+    if not (self.max_slope >= 1 and self.slope_rate >= 0):
+      raise ValueError(f"need max_slope >= 1 and slope_rate >= 0, got {self.max_slope}, "
+                       f"{self.slope_rate}")
+    # Optax checks its own arguments when the transformations are built: build them now,
+    # before any data is loaded, so that a bad value fails first.
+    steps.make_optimizer(self.learning_rate, self.clip_norm)
+    try:
+      steps.make_plateau(self.lr_decay_factor, self.plateau_patience)
+    except ValueError as err:
+      raise ValueError(f"lr_decay_factor / plateau_patience: {err}") from None
 
-  @property
-  def model_config(self) -> models.CharLMConfig:
-    """The model; the vocabulary size is a placeholder until the data is loaded."""
-    return self.with_vocab(1)
-
-  def with_vocab(self, vocab_size: int) -> models.CharLMConfig:
-    return models.CharLMConfig(
-        vocab_size=vocab_size, layer_sizes=self.layer_sizes, output_size=self.output_size,
-        embed_size=self.embed_size, boundary=self.boundary, layer_norm=self.layer_norm,
-        matmul_dtype=self.matmul_dtype, model=self.model)
+  def slope(self, epoch: float) -> float:
+    """a = min(max_slope, 1 + slope_rate · epoch) (§3.3), computed on the host."""
+    return float(boundary.slope_schedule(epoch, self.max_slope, self.slope_rate))
 
   def check_devices(self, num_devices: int) -> None:
     """Fails before any work when the batches cannot be split over the devices."""
@@ -87,6 +79,3 @@ class TrainConfig:
         raise ValueError(
             f"{name}={getattr(self, name)} is not divisible by the {num_devices} devices in use; "
             f"choose a multiple of {num_devices} or set --num_devices")
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -1,8 +1,9 @@
 """The one place that knows about devices: mapping the per-device steps, placing data.
 
 The steps of :mod:`.steps` are written for one device with the axis name ``steps.AXIS``;
-here they are ``pmap``-ed over the local devices in use. Moving to ``shard_map`` is a change
-to this module only.
+here they are ``pmap``-ed over the local devices in use, and rows are split into contiguous
+blocks, one per device. Experiments never see devices: running over the devices of many
+hosts (or with ``shard_map``) is a change to this module only.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
 
 
+def first(tree):
+  """The first device's copy, still on the device (no transfer, no wait)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
 def shard_rows(tree, num_devices: int):
   """Splits each (rows, ...) leaf into (devices, rows / devices, ...): device d gets a
   contiguous block of rows. The mapped steps move the blocks onto their devices."""
@@ -47,15 +53,49 @@ def gather_rows(tree):
   return jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
 
 
-def map_train_step(model, optimizer, devices):
-  """``pmap`` of :func:`steps.train_step`: state and batch per device, slope and reset broadcast."""
-  fn = functools.partial(steps.train_step, model=model, optimizer=optimizer)
-  return jax.pmap(lambda state, inputs, targets, slope, reset: fn(state, inputs, targets, slope, reset=reset),
-                  axis_name=steps.AXIS, in_axes=(0, 0, 0, None, None), devices=devices,
-                  donate_argnums=(0,))
+def to_devices(host_state: steps.TrainState, devices) -> steps.TrainState:
+  """A host :class:`~.steps.TrainState` onto the devices: all replicated, the carry's rows split."""
+  replicated = replicate(host_state.replace(carry=()), devices)
+  return replicated.replace(carry=shard_rows(host_state.carry, len(devices)))
 
 
-def map_eval_step(model, devices):
-  """``pmap`` of :func:`steps.eval_step`: parameters replicated, state and batch per device."""
-  return jax.pmap(functools.partial(steps.eval_step, model=model), axis_name=steps.AXIS,
-                  in_axes=(0, 0, 0, 0, None), devices=devices)
+def to_host(state: steps.TrainState) -> steps.TrainState:
+  """Inverse of :func:`to_devices` (the replicas are equal: the first is taken)."""
+  host = unreplicate(state.replace(carry=()))
+  return host.replace(carry=gather_rows(state.carry))
+
+
+class MappedSteps:
+  """The experiment's steps mapped over ``devices``; every argument is host data or a
+  mapped state, every result stays on the devices until read."""
+
+  def __init__(self, experiment, optimizer, devices):
+    self.devices = devices
+    n = len(devices)
+    self._train = jax.pmap(
+        functools.partial(steps.train_step, experiment=experiment, optimizer=optimizer),
+        axis_name=steps.AXIS, in_axes=(0, 0, None, None), devices=devices, donate_argnums=(0,))
+    self._probe = jax.pmap(functools.partial(steps.probe_step, experiment=experiment),
+                           axis_name=steps.AXIS, in_axes=(0, 0, None, None), devices=devices)
+    self._eval = jax.pmap(functools.partial(steps.eval_step, experiment=experiment),
+                          axis_name=steps.AXIS, in_axes=(0, 0, 0, None), devices=devices)
+    self._shard = lambda tree: shard_rows(tree, n)
+
+  def train(self, state, batch, slope: float, reset: bool):
+    """One training step; returns the new state and the first device's metrics (on device)."""
+    state, metrics = self._train(state, self._shard(batch), np.float32(slope), reset)
+    return state, first(metrics)
+
+  def probe(self, state, batch, slope: float, reset: bool):
+    return first(self._probe(state, self._shard(batch), np.float32(slope), reset))
+
+  def eval_carry(self, carry):
+    return self._shard(carry)
+
+  def replicate(self, tree):
+    return replicate(tree, self.devices)
+
+  def eval(self, params, carry, batch, slope: float):
+    """One evaluation batch; returns the carry and the sums over devices (on device)."""
+    carry, sums = self._eval(params, carry, self._shard(batch), np.float32(slope))
+    return carry, first(sums)

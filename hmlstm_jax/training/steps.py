@@ -1,10 +1,11 @@
-"""Per-device train and eval steps (written with an axis name; :mod:`.parallel` maps them).
+"""Per-device train, probe and eval steps of any experiment (written with an axis name;
+:mod:`.parallel` maps them over devices).
 
-The train step is the paper's (§4.1): the NLL of one truncated-BPTT segment starting from the
-carried state, gradients averaged over the device axis, global-norm clipping and Adam (one
-Optax chain), the update scaled by the plateau schedule's scale (lr / 50 when the validation
-NLL stops improving), and the final state carried to the next segment with its gradient
-stopped.
+The train step is the paper's (§4.1) for whatever loss the experiment supplies: the loss of
+one batch from the carried recurrent state, gradients averaged over the device axis,
+global-norm clipping and Adam (one Optax chain), the update scaled by the plateau schedule's
+scale (lr / 50 when the validation objective stops improving), and the final state carried
+to the next batch with its gradient stopped.
 """
 from __future__ import annotations
 
@@ -16,18 +17,15 @@ import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
-from hmlstm_jax import hmlstm
-from hmlstm_jax import models
-
 AXIS = "devices"
 
 
 class TrainState(flax.struct.PyTreeNode):
   """What a step changes. Inside a mapped step every leaf is per device."""
-  step: jax.Array              # () int32: segments trained on so far
+  step: jax.Array              # () int32: batches trained on so far
   params: Any
   opt_state: Any
-  rnn_state: hmlstm.State      # carried recurrent state of this device's rows
+  carry: Any                   # the experiment's carried state of this device's rows, or ()
   plateau: Any                 # optax reduce_on_plateau state (its .scale multiplies the lr)
   key: jax.Array               # (2,) uint32 raw key data; step keys are fold_in(key, step)
 
@@ -38,7 +36,7 @@ def make_optimizer(learning_rate: float, clip_norm: float) -> optax.GradientTran
 
 
 def make_plateau(decay_factor: float, patience: int) -> optax.GradientTransformationExtraArgs:
-  """Optax's reduce-on-plateau, fed the validation NLL after each evaluation.
+  """Optax's reduce-on-plateau, fed the validation objective after each evaluation.
 
   "Stopped decreasing" means not below the best value by a relative 1e-4 for ``patience``
   evaluations; then the scale is multiplied by ``decay_factor``.
@@ -47,59 +45,71 @@ def make_plateau(decay_factor: float, patience: int) -> optax.GradientTransforma
                                          atol=0.0, cooldown=0, accumulation_size=1)
 
 
-def init_state(key: jax.Array, model: models.CharLMConfig, optimizer, plateau,
-               rows: int) -> TrainState:
-  """A fresh state: parameters from ``key``, zero recurrent state for ``rows`` rows."""
+def init_state(key: jax.Array, experiment, optimizer, plateau, rows: int) -> TrainState:
+  """A fresh state: parameters from ``key``, the initial carry for ``rows`` rows."""
   k_params, k_train = jax.random.split(key)
-  params = models.init_charlm(k_params, model)
+  params = experiment.init_params(k_params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-      rnn_state=hmlstm.initial_state(model.hmlstm, rows),
-      plateau=plateau.init(params), key=jax.random.key_data(k_train))
+      carry=experiment.init_carry(rows), plateau=plateau.init(params),
+      key=jax.random.key_data(k_train))
 
 
-def train_step(state: TrainState, inputs: jax.Array, targets: jax.Array, slope: jax.Array, *,
-               model: models.CharLMConfig, optimizer, reset: jax.Array) -> tuple[TrainState, dict]:
-  """One segment on this device's rows; gradients and metrics are averaged over ``AXIS``.
+def _rows(batch) -> int:
+  return jax.tree_util.tree_leaves(batch)[0].shape[0]
+
+
+def _loss_inputs(state: TrainState, batch, reset: jax.Array, experiment):
+  """This step's key (folded with the step and the device) and the carry (reset at epoch start)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step),
+                           jax.lax.axis_index(AXIS))
+  initial = experiment.init_carry(_rows(batch))
+  carry = jax.tree_util.tree_map(lambda x, x0: jnp.where(reset, x0, x), state.carry, initial)
+  return key, carry
+
+
+def train_step(state: TrainState, batch, slope: jax.Array, reset: jax.Array, *, experiment,
+               optimizer) -> tuple[TrainState, dict]:
+  """One batch on this device's rows; gradients and metrics are averaged over ``AXIS``.
 
   Args:
     state: this device's :class:`TrainState`.
-    inputs, targets: (rows, T) int ids.
+    batch: this device's rows of the batch (a pytree, rows leading).
     slope: hard-sigmoid slope a for this step (traced: annealing never recompiles).
-    model: the model config (static).
-    optimizer: from :func:`make_optimizer` (static).
-    reset: () bool, True at the first segment of an epoch: start from the zero state.
+    reset: () bool, True at the first batch of an epoch: start from the initial carry.
+    experiment: supplies ``loss(params, carry, batch, slope, key) -> (loss, (carry, metrics))``.
+    optimizer: from :func:`make_optimizer`.
+
+  Returns:
+    The new state and ``{'loss', 'grad_norm', **metrics}``, device-averaged scalars of the
+    loss before the update.
   """
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step),
-                           jax.lax.axis_index(AXIS))
-  carried = jax.tree_util.tree_map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), state.rnn_state)
-  (loss, outs), grads = jax.value_and_grad(models.charlm_loss, has_aux=True)(
-      state.params, carried, inputs, targets, slope, key, config=model)
+  key, carry = _loss_inputs(state, batch, reset, experiment)
+  (loss, (new_carry, metrics)), grads = jax.value_and_grad(experiment.loss, has_aux=True)(
+      state.params, carry, batch, slope, key)
   grads = jax.lax.pmean(grads, AXIS)
-  loss = jax.lax.pmean(loss, AXIS)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   updates = jax.tree_util.tree_map(lambda u: u * state.plateau.scale, updates)
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-      rnn_state=jax.lax.stop_gradient(outs.final_state))
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+      carry=jax.lax.stop_gradient(new_carry))
+  out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+  return new_state, jax.lax.pmean(out, AXIS)
 
 
-def eval_step(params, rnn_state: hmlstm.State, inputs: jax.Array, targets: jax.Array,
-              slope: jax.Array, *, model: models.CharLMConfig):
-  """NLL sums and boundaries of one segment with the state carried (deterministic boundaries).
+def probe_step(state: TrainState, batch, slope: jax.Array, reset: jax.Array, *,
+               experiment) -> jax.Array:
+  """The loss that the next train step would compute from ``state`` (forward only, no update).
 
-  Returns the new state and a dict: ``nll_sum`` and ``count`` summed over the device axis,
-  ``op_counts`` (L, 3) of (COPY, UPDATE, FLUSH) summed too, and this device's ``z`` per layer
-  (rows, T) for scoring boundaries (empty for the LSTM).
+  The trainer checkpoints a state only when this is finite: a checkpoint must be one that a
+  resumed run can train from.
   """
-  logits, outs = models.charlm_apply(params, rnn_state, inputs, slope, config=model,
-                                     deterministic=True)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-  metrics = {"nll_sum": jax.lax.psum(jnp.sum(nll), AXIS),
-             "count": jax.lax.psum(jnp.asarray(nll.size, jnp.float32), AXIS)}
-  if outs.rnn.z:
-    ops = hmlstm.operations(rnn_state, outs.rnn)
-    metrics["op_counts"] = jax.lax.psum(hmlstm.operation_counts(ops), AXIS)
-    metrics["z"] = jnp.stack([jnp.swapaxes(z[..., 0], 0, 1) for z in outs.rnn.z])  # (L, rows, T)
-  return outs.final_state, metrics
+  key, carry = _loss_inputs(state, batch, reset, experiment)
+  loss, _ = experiment.loss(state.params, carry, batch, slope, key)
+  return jax.lax.pmean(loss, AXIS)
+
+
+def eval_step(params, carry, batch, slope: jax.Array, *, experiment):
+  """The experiment's evaluation sums of one batch, summed over ``AXIS``; the carry moves on."""
+  carry, sums = experiment.eval_sums(params, carry, batch, slope)
+  return carry, jax.lax.psum(sums, AXIS)

@@ -1,0 +1,75 @@
+"""What every experiment binary shares: flags from the config, flagfiles by name, the default
+workdir, and what the process prints and returns.
+
+Exit status: 0 when the run finished (results written); 1 with one line on stderr for a bad
+flag, an unusable workdir, data that cannot be read, a checkpoint that cannot be written or
+a run that diverged (no traceback: these are the user's or the machine's, not bugs); 75
+(``EX_TEMPFAIL``: try again) when SIGTERM or SIGINT stopped the run: a checkpoint is saved
+and the same command continues it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from hmlstm_jax import settings
+from hmlstm_jax.training.errors import Preempted
+from hmlstm_jax.training.errors import RunError
+from hmlstm_jax.training.trainer import train_and_evaluate
+
+EXIT_PREEMPTED = 75
+
+
+def resolve_flagfiles(argv: list[str], flags_dir: str) -> tuple[list[str], str | None]:
+  """``--flagfile=NAME`` → ``flags_dir/NAME`` when NAME is not an existing path; also
+  returns the last flagfile's stem (the default workdir's name)."""
+  out, stem = [], None
+  for arg in argv:
+    if arg.startswith("--flagfile="):
+      path = arg.split("=", 1)[1]
+      if not os.path.exists(path) and os.path.exists(os.path.join(flags_dir, path)):
+        arg = "--flagfile=" + os.path.join(flags_dir, path)
+      stem = os.path.splitext(os.path.basename(path))[0]
+    out.append(arg)
+  return out, stem
+
+
+def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir: str,
+               default_workdir: Callable) -> None:
+  """Runs an experiment binary: defines the flags of ``config_cls`` (and ``--workdir``),
+  parses ``sys.argv``, builds the config (bad values end here, before any work) and trains
+  ``make_experiment(config)``. ``default_workdir(config, flagfile_stem)`` names the workdir
+  when ``--workdir`` is not given."""
+  settings.define_flags(config_cls)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, "
+                      "config.json, results.json and figures; a run in an existing workdir "
+                      "resumes. Default: workdirs/<name of the last flagfile>.")
+  argv, stem = resolve_flagfiles(sys.argv, flags_dir)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 for library INFO
+    try:
+      config = settings.from_flags(config_cls)
+    except ValueError as err:
+      sys.exit(f"{name}: bad flags: {err}")
+    workdir = flags.FLAGS.workdir or default_workdir(config, stem)
+    try:
+      result = train_and_evaluate(make_experiment(config), workdir)
+    except (RunError, ValueError, OSError) as err:  # settings, data, disk: one line, no traceback
+      sys.exit(f"{name}: {err}")
+    except Preempted as err:
+      print(f"{name}: stopped ({err}); training is complete and checkpointed in {workdir}: run "
+            "again to write the report", file=sys.stderr, flush=True)
+      sys.exit(EXIT_PREEMPTED)
+    if result["status"] == "preempted":
+      sys.exit(EXIT_PREEMPTED)
+
+  app.run(main, argv=argv)

@@ -1,0 +1,19 @@
+"""The trainer's errors: what went wrong in a run that is the user's or the machine's doing.
+
+The experiment binaries print a :class:`RunError` as one line and exit non-zero, with no
+traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class RunError(Exception):
+  """A run cannot go on for a reason the message explains (with what to do)."""
+
+
+class NonFiniteError(RunError, FloatingPointError):
+  """A non-finite loss, gradient norm, parameter or validation objective."""
+
+
+class Preempted(Exception):
+  """SIGTERM (or SIGINT) arrived where the run could not stop at a checkpoint boundary (the
+  final report); the last checkpoint is intact and running again redoes the report."""

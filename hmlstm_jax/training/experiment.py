@@ -1,0 +1,138 @@
+"""What an experiment supplies to the trainer; the trainer owns everything else.
+
+An experiment is its data, its model's parameters, the per-device loss of one batch (with
+the recurrent state it carries, or none), the evaluation sums it wants over a split, and its
+final report. The trainer (:func:`hmlstm_jax.training.train_and_evaluate`) owns resume, the
+step loop, the slope schedule, the optimiser and the learning-rate plateau, validation
+cadence, the best checkpoint, preemption, the non-finite stop, progress lines, TensorBoard
+and ``results.json``. It never sees a device: batches are host arrays with rows leading,
+and the trainer decides which rows go to which device (and host).
+
+A minimal experiment (a linear regression; ``tests/test_trainer.py`` trains one)::
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+      noise: float = setting(0.1, "Label noise.")
+      train: TrainConfig = nested(TrainConfig)
+
+    class Regression(Experiment):
+      def load_data(self, hosts):
+        ...  # Data(train=Batches, evals={'validation': ..., 'test': ...}, ...)
+      def init_params(self, key):
+        return {"w": jnp.zeros((4,))}
+      def loss(self, params, carry, batch, slope, key):
+        err = batch["x"] @ params["w"] - batch["y"]
+        return jnp.mean(err ** 2), (carry, {})
+      def eval_sums(self, params, carry, batch, slope):
+        err = batch["x"] @ params["w"] - batch["y"]
+        return carry, {"sq": jnp.sum(err ** 2), "n": jnp.float32(err.size)}
+      def summarize(self, sums):
+        return {"loss": sums["sq"] / sums["n"]}
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Protocol, Sequence
+
+
+class Hosts(NamedTuple):
+  """Which share of the rows this process serves: rows [index·B/count, (index+1)·B/count)."""
+  index: int
+  count: int
+
+
+class Batches(Protocol):
+  """One split as batches: ``len()`` batches per epoch; ``[k]`` is batch k, a pytree of host
+  arrays whose leading axis is this host's rows. With a carried state, row r of batch k+1
+  continues row r of batch k (truncated BPTT); the carry is reset at k = 0."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, k: int) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """What :meth:`Experiment.load_data` returns.
+
+  Attributes:
+    train: the training batches (one epoch).
+    evals: ``'validation'`` and ``'test'`` batches (rows: the eval batch size).
+    description: the head of the first progress line, e.g. ``"hmlstm on ptb (50 symbols): 781
+      segments of 64 x 100 per epoch"``.
+    items_per_batch: items of one global training batch (characters, points), for throughput.
+    item_name: what an item is, e.g. ``'tokens'``.
+  """
+  train: Batches
+  evals: dict[str, Batches]
+  description: str
+  items_per_batch: int
+  item_name: str = "items"
+
+
+class Experiment:
+  """Base class of an experiment. Subclasses set ``config`` and override the methods.
+
+  ``config`` is a frozen dataclass of :func:`hmlstm_jax.settings.setting` fields with a
+  ``train`` field holding the :class:`~hmlstm_jax.training.TrainConfig`. The trainer records
+  it in ``config.json`` and refuses to resume a workdir whose saved configuration differs in
+  a setting that is not ``changeable``.
+
+  Methods that run inside the mapped steps (``init_carry``, ``loss``, ``eval_sums``) are
+  traced once per shape: they must be pure functions of their arguments and ``self``'s static
+  settings.
+  """
+  #: The key of :meth:`summarize`'s result that validation minimises (plateau, best).
+  objective: str = "loss"
+
+  def __init__(self, config: Any):
+    if not hasattr(config, "train"):
+      raise TypeError(f"{type(config).__name__} has no 'train' field (a TrainConfig)")
+    self.config = config
+
+  def load_data(self, hosts: Hosts) -> Data:
+    """Loads (or generates) the splits and serves this host's rows of each batch."""
+    raise NotImplementedError
+
+  def init_params(self, key) -> Any:
+    """The initial parameter pytree."""
+    raise NotImplementedError
+
+  def init_carry(self, rows: int) -> Any:
+    """The carried state of ``rows`` rows at the start of an epoch or split; ``()`` for none."""
+    del rows
+    return ()
+
+  def loss(self, params, carry, batch, slope, key) -> tuple[Any, tuple[Any, dict]]:
+    """Per-device loss of one batch: ``(mean loss, (carry after the batch, metrics))``.
+
+    ``metrics`` are extra scalars (averaged over devices, logged every ``log_every`` steps).
+    ``slope`` is the hard sigmoid's slope a of this step; ``key`` a PRNG key unique to the
+    step and the device.
+    """
+    raise NotImplementedError
+
+  def eval_sums(self, params, carry, batch, slope) -> tuple[Any, dict]:
+    """Per-device sums of one evaluation batch: ``(carry, {name: array})``. The trainer sums
+    them over devices, hosts and batches (in float64 on the host) and calls :meth:`summarize`."""
+    raise NotImplementedError
+
+  def summarize(self, sums: dict) -> dict:
+    """A split's result from its sums (NumPy); must hold the key ``objective``."""
+    raise NotImplementedError
+
+  def summary_lines(self, name: str, result: dict) -> list[str]:
+    """Lines describing a split's result, e.g. ``['validation: loss 0.1234']``."""
+    return [f"{name}: {self.objective} {result[self.objective]:.4f}"]
+
+  def train_scalars(self, loss: float) -> dict[str, float]:
+    """Extra figures derived from the training loss for progress lines (e.g. ``{'BPC': ...}``)."""
+    del loss
+    return {}
+
+  def report(self, params, slope: float, workdir: str) -> tuple[dict, Sequence[str]]:
+    """The final report with the best parameters (host arrays): figures written to
+    ``workdir``, samples, its own metrics. Returns what goes into ``results.json`` and the
+    lines to print."""
+    del params, slope, workdir
+    return {}, []

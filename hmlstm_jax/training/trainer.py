@@ -1,0 +1,344 @@
+"""``train_and_evaluate``: trains any :class:`~.experiment.Experiment` and reports on it.
+
+experiment config → workdir (lock, configuration check) → data → parameters (or the newest
+readable checkpoint) → mapped train steps → periodic validation (plateau, best) and
+checkpoints → test evaluation with the best parameters → the experiment's report and
+``results.json``.
+
+Restarting with the same workdir continues exactly where the run stopped: the step, the data
+position (one batch per step), the carried state of every row, the Adam and plateau states
+and the RNG key all come from the checkpoint.
+
+What the trainer guarantees, whatever happens to the process:
+
+* Metrics stay on the devices until a progress line (every ``log_every`` steps), a
+  validation or a checkpoint reads them: no host round trip per step. The slope is computed
+  on the host.
+* Nothing non-finite reaches a checkpoint: before step s is saved, the losses and gradient
+  norms of every step up to s have been read back finite, every parameter and optimiser leaf
+  is finite, and the loss that step s + 1 would compute from it (:func:`.steps.probe_step`) is
+  finite. A non-finite value stops the run with :class:`.errors.NonFiniteError`, naming the
+  step; the last good checkpoint is left as it was.
+* A checkpoint names the best step so far, which is kept on disk (:mod:`.checkpoints`).
+* SIGTERM or SIGINT during training: a checkpoint at the next step, status ``'preempted'``;
+  during the final report: :class:`.errors.Preempted` at once (the report is redone when run
+  again; its files are written atomically).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from hmlstm_jax.training import checkpoints
+from hmlstm_jax.training import metrics
+from hmlstm_jax.training import parallel
+from hmlstm_jax.training import steps
+from hmlstm_jax.training.errors import NonFiniteError
+from hmlstm_jax.training.errors import Preempted
+from hmlstm_jax.training.errors import RunError
+from hmlstm_jax.training.experiment import Experiment
+from hmlstm_jax.training.experiment import Hosts
+from hmlstm_jax.training.workdir import Workdir
+from hmlstm_jax.training.workdir import open_workdir
+
+say = metrics.say
+
+
+class _Signals:
+  """SIGTERM / SIGINT → a stop request that the loop honours after the current step; while
+  ``urgent`` (the final report) they raise :class:`Preempted` at once. Main thread only."""
+
+  def __init__(self):
+    self.requested = False
+    self.urgent = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    if self.urgent:
+      raise Preempted(f"{signal.Signals(signum).name} during the final report")
+
+  def make_urgent(self):
+    self.urgent = True
+    if self.requested:
+      raise Preempted("stop requested before the final report")
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _all_finite(tree) -> bool:
+  return all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def _sum_float64(sums: list) -> Any:
+  """Per-batch sums (read back together) added up in float64."""
+  host = jax.device_get(sums)
+  return jax.tree_util.tree_map(lambda *xs: np.sum(np.asarray(xs, np.float64), axis=0), *host)
+
+
+class Run:
+  """One call of :func:`train_and_evaluate`, in parts that can be used one by one.
+
+  Attributes after :meth:`restore`: ``state`` (on the devices), ``step``, ``meta`` (the JSON
+  record saved with each checkpoint).
+  """
+
+  def __init__(self, experiment: Experiment, workdir: Workdir, devices: list):
+    self.experiment = experiment
+    self.config = experiment.config.train
+    self.workdir = workdir
+    self.devices = devices
+    self.hosts = Hosts(jax.process_index(), jax.process_count())
+    self.data = experiment.load_data(self.hosts)
+    self.steps_per_epoch = len(self.data.train)
+    self.total_steps = max(1, math.ceil(self.config.num_epochs * self.steps_per_epoch))
+    self.optimizer = steps.make_optimizer(self.config.learning_rate, self.config.clip_norm)
+    self.plateau = steps.make_plateau(self.config.lr_decay_factor, self.config.plateau_patience)
+    self.mapped = parallel.MappedSteps(experiment, self.optimizer, devices)
+    self.ckpt = checkpoints.Checkpointer(workdir.path, self.config.keep_checkpoints)
+    self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
+                                     self.plateau, rows=self.config.batch_size // self.hosts.count)
+    self.losses: list[float] = []   # this call's per-step training losses, read back
+    self._pending: list = []        # metrics of steps not yet read back (on the devices)
+    self._saved_step = None
+
+  # ----------------------------------------------------------------------- start
+
+  def restore(self) -> None:
+    """The newest readable checkpoint, or the initial state."""
+    host_state = self.template
+    self.meta = {"best_step": None, "best": None, "history": [],
+                 "steps_per_epoch": self.steps_per_epoch}
+    restored = self.ckpt.restore_latest(self.template, warn=say)
+    if restored is not None:
+      host_state, self.meta = restored
+      if self.meta["steps_per_epoch"] != self.steps_per_epoch:
+        raise RunError(
+            f"the checkpoints in {self.workdir.path} were made with {self.meta['steps_per_epoch']} "
+            f"batches per epoch, this data and batch size give {self.steps_per_epoch}: use the "
+            "run's own data, or another --workdir")
+      say(f"resumed from {self.workdir.path} at step {int(host_state.step)}")
+      self._saved_step = int(host_state.step)
+    self.host_plateau = host_state.plateau
+    self.state = parallel.to_devices(host_state, self.devices)
+    self.step = int(host_state.step)
+
+  # ----------------------------------------------------------------------- the loop
+
+  def train(self, signals: _Signals, writer: metrics.Writer, max_steps: int | None = None) -> str:
+    """Trains to ``total_steps`` (or ``max_steps`` more, or a stop request); returns
+    ``'done'`` or ``'preempted'`` (with a checkpoint of the step reached)."""
+    c = self.config
+    say(f"training {self.data.description}, {self.total_steps} steps, {len(self.devices)} "
+        f"device(s); workdir {self.workdir.path}")
+    start, t_log, step_log = self.step, time.time(), self.step
+    while self.step < self.total_steps:
+      position = self.step % self.steps_per_epoch
+      slope = c.slope(self.step / self.steps_per_epoch)
+      self.state, out = self.mapped.train(self.state, self.data.train[position], slope,
+                                          position == 0)
+      self._pending.append(out)
+      self.step += 1
+      last = self.step == self.total_steps
+      if self.step % c.log_every == 0 or last:
+        t_log, step_log = self._log(writer, slope, t_log, step_log)
+      improved = False
+      if self.step % c.eval_every == 0 or last:
+        improved = self.validate(writer, slope)
+      if improved or self.step % c.checkpoint_every == 0 or last:
+        self.save()
+      if signals.requested or (max_steps is not None and self.step - start >= max_steps):
+        if not last:
+          self.save()
+          say(f"stopped at step {self.step} with a checkpoint in {self.workdir.path}; "
+              "run again to continue")
+          return "preempted"
+    return "done"
+
+  def read_metrics(self) -> list[dict]:
+    """Reads back the metrics of the steps since the last read; stops on a non-finite one."""
+    if not self._pending:
+      return []
+    values = jax.device_get(self._pending)
+    first = self.step - len(values) + 1
+    self._pending = []
+    for i, m in enumerate(values):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+        raise NonFiniteError(
+            f"non-finite training loss ({float(m['loss'])}) or gradient norm "
+            f"({float(m['grad_norm'])}) in step {first + i} (steps {first}-{self.step} read back "
+            f"now); {self._last_good()}. Lower --learning_rate or check the data.")
+    self.losses.extend(float(m["loss"]) for m in values)
+    return values
+
+  def _last_good(self) -> str:
+    saved = self.ckpt.steps()
+    if not saved:
+      return "no checkpoint was written"
+    return f"the last good checkpoint, step {saved[-1]} in {self.ckpt.directory}, is untouched"
+
+  def _log(self, writer, slope: float, t_log: float, step_log: int) -> tuple[float, int]:
+    values = self.read_metrics()
+    now = time.time()
+    rate = (self.step - step_log) / max(now - t_log, 1e-9)
+    items = rate * self.data.items_per_batch
+    loss = float(values[-1]["loss"])
+    extra = self.experiment.train_scalars(loss)
+    lr = self.config.learning_rate * float(self.host_plateau.scale)
+    shown = "".join(f"  {name} {value:.4f}" for name, value in extra.items())
+    say(f"step {self.step}/{self.total_steps}  epoch {self.step / self.steps_per_epoch:.2f}  "
+        f"loss {loss:.4f}{shown}  {items:.0f} {self.data.item_name}/s  slope {slope:.2f}  "
+        f"lr {lr:.2g}  remaining {metrics.format_duration((self.total_steps - self.step) / rate)}")
+    scalars = {"train/loss": loss, f"train/{self.data.item_name}_per_s": items, "slope": slope,
+               "learning_rate": lr, "train/grad_norm": float(values[-1]["grad_norm"])}
+    scalars.update({f"train/{k.lower()}": v for k, v in extra.items()})
+    scalars.update({f"train/{k}": float(v) for k, v in values[-1].items() if k not in ("loss", "grad_norm")})
+    writer.scalars(self.step, scalars)
+    return now, self.step
+
+  # ----------------------------------------------------------------------- evaluation
+
+  def evaluate(self, split: str, params, slope: float, max_batches: int | None = None) -> dict:
+    """The experiment's result over ``split`` (carry through the split; sums in float64)."""
+    batches = self.data.evals[split]
+    carry = self.mapped.eval_carry(
+        self.experiment.init_carry(self.config.eval_batch_size // self.hosts.count))
+    sums = []
+    for k in range(min(len(batches), max_batches or len(batches))):
+      carry, s = self.mapped.eval(params, carry, batches[k], slope)
+      sums.append(s)
+    return self.experiment.summarize(_sum_float64(sums))
+
+  def validate(self, writer, slope: float) -> bool:
+    """Validation at this step: the plateau schedule and the best step; True if improved."""
+    self.read_metrics()
+    result = self.evaluate("validation", self.state.params, slope, self.config.eval_max_segments)
+    objective = float(result[self.experiment.objective])
+    if not math.isfinite(objective):
+      raise NonFiniteError(f"non-finite validation {self.experiment.objective} ({objective}) at "
+                           f"step {self.step}; {self._last_good()}. Lower --learning_rate.")
+    _, self.host_plateau = self.plateau.update({}, self.host_plateau, value=objective)
+    self.state = self.state.replace(plateau=self.mapped.replicate(self.host_plateau))
+    improved = self.meta["best"] is None or objective < self.meta["best"]
+    if improved:
+      self.meta["best"], self.meta["best_step"] = objective, self.step
+    scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.number))}
+    self.meta["history"].append({"step": self.step, **scalars})
+    say("\n".join(self.experiment.summary_lines(f"step {self.step} validation", result)))
+    writer.scalars(self.step, {f"valid/{k}": v for k, v in scalars.items()})
+    return improved
+
+  # ----------------------------------------------------------------------- checkpoints
+
+  def save(self) -> None:
+    """Checkpoints the state after ``step`` once it is known good (see the module docstring)."""
+    if self._saved_step == self.step:
+      return
+    self.read_metrics()
+    host = parallel.to_host(self.state)
+    if not _all_finite((host.params, host.opt_state, host.carry)):  # the plateau starts at inf
+      raise NonFiniteError(f"non-finite parameters or optimiser state after step {self.step}; "
+                           f"{self._last_good()}. Lower --learning_rate.")
+    position = self.step % self.steps_per_epoch
+    slope = self.config.slope(self.step / self.steps_per_epoch)
+    probe = float(self.mapped.probe(self.state, self.data.train[position], slope, position == 0))
+    if not math.isfinite(probe):
+      raise NonFiniteError(
+          f"the parameters after step {self.step} give a non-finite loss ({probe}) on the next "
+          f"batch; {self._last_good()}. Lower --learning_rate.")
+    self.ckpt.save(self.step, host, dict(
+        self.meta, step=self.step, epoch=self.step / self.steps_per_epoch, position=position,
+        slope=slope))
+    self._saved_step = self.step
+
+  # ----------------------------------------------------------------------- the end
+
+  def final_report(self) -> dict:
+    """Validation and test with the best parameters, the experiment's report, results.json."""
+    best = self.meta["best_step"]
+    try:
+      host_state, best_meta = self.ckpt.restore(best, self.template)
+    except Exception as err:
+      raise RunError(f"the best checkpoint (step {best}) in {self.ckpt.directory} cannot be read "
+                     f"({checkpoints._first_line(err)})") from None
+    params = self.mapped.replicate(host_state.params)
+    slope = float(best_meta["slope"])
+    results = {split: self.evaluate(split, params, slope) for split in ("validation", "test")}
+    lines = [f"best checkpoint: step {best} (slope {slope:.2f})"]
+    for split in ("validation", "test"):
+      lines += self.experiment.summary_lines(split, results[split])
+    out = {"valid": results["validation"], "test": results["test"], "best_step": best}
+    extra, extra_lines = self.experiment.report(host_state.params, slope, self.workdir.path)
+    out.update(extra)
+    lines += list(extra_lines)
+    say("\n".join(lines))
+    self.workdir.write("results.json", json.dumps(out, indent=1))
+    out["report"] = "\n".join(lines)
+    return out
+
+
+def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | None = None) -> dict:
+  """Trains and evaluates ``experiment`` in ``workdir``; resumes from its last checkpoint.
+
+  Args:
+    experiment: what to train (:class:`~.experiment.Experiment`); its ``config.train`` is the
+      :class:`~hmlstm_jax.training.TrainConfig`.
+    workdir: checkpoints, TensorBoard events, ``config.json``, ``results.json``, figures.
+    max_steps: stop (with a checkpoint) after this many steps in this call, as a preemption
+      would; ``None`` trains to the end.
+
+  Returns:
+    A dict with ``status`` ('done' or 'preempted'), ``step``, ``train_losses`` (this call's
+    per-step losses), and when done ``valid`` / ``test`` results, ``best_step`` and what the
+    experiment's report adds.
+
+  Raises:
+    ValueError: a setting that cannot work (before anything is written).
+    RunError: the workdir is in use or holds another configuration, data or a checkpoint
+      cannot be read or written, or (:class:`NonFiniteError`) the run diverged; the last good
+      checkpoint is left as it was.
+    Preempted: a stop request during the final report.
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+        "multi-host training is not implemented yet: the steps are pmapped over this host's "
+        "devices only; run one process per job")
+  config = experiment.config.train
+  devices = parallel.local_devices(config.num_devices)
+  config.check_devices(len(devices))
+  with open_workdir(workdir, experiment.config) as wd, _Signals() as signals:
+    run = Run(experiment, wd, devices)
+    writer = None
+    try:
+      run.restore()
+      wd.write_config()
+      writer = metrics.Writer(wd.path)
+      status = run.train(signals, writer, max_steps)
+      writer.close()
+      result = {"status": status, "step": run.step, "train_losses": run.losses}
+      if status == "done":
+        signals.make_urgent()
+        result.update(run.final_report())
+      return result
+    finally:
+      if writer is not None:
+        writer.close()
+      run.ckpt.close()

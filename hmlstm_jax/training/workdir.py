@@ -1,0 +1,126 @@
+"""A run's directory: held by one run at a time, and bound to one configuration.
+
+:func:`open_workdir` runs before any data is loaded or anything is written:
+
+* the path must be a directory that can be written (or be creatable);
+* a lock (``<workdir>/.lock``, ``fcntl.flock``) refuses a second run on the same workdir. The
+  kernel releases it when the holding process dies, however it dies, so a killed run never
+  leaves it stuck. Cloud workdirs (``gs://``) are not locked: one job per workdir there;
+* the requested configuration is compared with the saved ``config.json``; settings that
+  differ (other than the changeable ones, such as ``num_epochs``) are named and nothing is
+  touched.
+
+If the run fails before it has written anything, a workdir that it created is removed again.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from typing import Any, Iterator
+
+from hmlstm_jax import files
+from hmlstm_jax import settings
+from hmlstm_jax.training.errors import RunError
+
+CONFIG = "config.json"
+LOCK = ".lock"
+
+
+class Workdir:
+  """An opened workdir (see :func:`open_workdir`)."""
+
+  def __init__(self, path: str, config: Any):
+    self.path = str(path)
+    self.config = config
+    self._lock = None
+    self._created = False
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def write(self, name: str, data: str | bytes) -> str:
+    """Writes ``<workdir>/name`` atomically; returns its path."""
+    path = self.file(name)
+    files.write_atomically(path, data)
+    return path
+
+  def read_config(self) -> dict | None:
+    """The saved configuration (flat JSON), or None."""
+    from etils import epath
+    path = epath.Path(self.file(CONFIG))
+    if not path.exists():
+      return None
+    try:
+      return json.loads(path.read_text())
+    except ValueError as err:
+      raise RunError(f"{path} is not valid JSON ({err}); restore it or use another --workdir") from None
+
+  def write_config(self) -> None:
+    self.write(CONFIG, json.dumps(settings.flat(self.config), indent=1, sort_keys=True))
+
+  def _open_local(self) -> None:
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise RunError(f"--workdir {self.path} is a file, not a directory; choose another --workdir")
+    self._created = not os.path.exists(self.path)
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      self._lock = open(self.file(LOCK), "a+")
+    except OSError as err:
+      raise RunError(f"cannot use --workdir {self.path}: {err.strerror or err}; "
+                     "choose a writable directory") from None
+    if not os.access(self.path, os.W_OK | os.X_OK):
+      raise RunError(f"cannot use --workdir {self.path}: not writable; choose a writable directory")
+    try:
+      fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+      if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise
+      self._lock.seek(0)
+      holder = self._lock.read().strip() or "another process"
+      self._lock.close()
+      self._lock = None
+      raise RunError(f"--workdir {self.path} is in use by a running job ({holder}); wait for it "
+                     "to finish, stop it, or choose another --workdir") from None
+    self._lock.seek(0)
+    self._lock.truncate()
+    self._lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    self._lock.flush()
+
+  def check_config(self) -> None:
+    """Raises RunError naming the settings that differ from the saved configuration."""
+    saved = self.read_config()
+    if saved is None:
+      return
+    diffs = settings.differences(type(self.config), saved, settings.flat(self.config))
+    if diffs:
+      raise RunError(
+          f"--workdir {self.path} holds a run with other settings ({'; '.join(diffs)}); resume "
+          "it with its own settings (" + self.file(CONFIG) + ") or choose another --workdir")
+
+  def close(self, failed: bool = False) -> None:
+    """Releases the lock; after a failure, removes the workdir if this run created it and
+    wrote nothing in it."""
+    if self._lock is not None:
+      self._lock.close()
+      self._lock = None
+    if failed and self._created and set(os.listdir(self.path)) <= {LOCK}:
+      shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_workdir(path: str, config: Any) -> Iterator[Workdir]:
+  """Holds ``path`` for one run of ``config`` (see the module docstring)."""
+  workdir = Workdir(path, config)
+  failed = True
+  try:
+    if not files.is_remote(workdir.path):
+      workdir._open_local()
+    workdir.check_config()
+    yield workdir
+    failed = False
+  finally:
+    workdir.close(failed)
