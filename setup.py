@@ -19,10 +19,12 @@ setup(
         "tensorflow-datasets>=4.9.10",  # used without TensorFlow (array_record output)
         "importlib_resources>=6.0",     # needed by tensorflow-datasets, which does not declare it
         "absl-py>=2.1",
+        "tensorboardX>=2.6.5",          # TensorBoard event files without TensorFlow (local or gs://)
         "numpy>=1.26",
     ],
     extras_require={
         "plot": ["matplotlib>=3.8"],                  # the boundary figure (Fig. 3-4 style)
-        "test": ["pytest>=8.0", "matplotlib>=3.8"],
+        # tensorboard: an independent reader of the event files in the tests
+        "test": ["pytest>=8.0", "matplotlib>=3.8", "tensorboard>=2.21"],
     },
 )

@@ -65,9 +65,10 @@ class Workdir:
   def _open_local(self) -> None:
     if os.path.exists(self.path) and not os.path.isdir(self.path):
       raise RunError(f"--workdir {self.path} is a file, not a directory; choose another --workdir")
-    self._created = not os.path.exists(self.path)
+    existed = os.path.exists(self.path)
     try:
       os.makedirs(self.path, exist_ok=True)
+      self._created = not existed
       self._lock = open(self.file(LOCK), "a+")
     except OSError as err:
       raise RunError(f"cannot use --workdir {self.path}: {err.strerror or err}; "

@@ -1,0 +1,227 @@
+"""The trainer on an experiment it has never heard of: a linear regression defined only here.
+
+Proof that ``hmlstm_jax.training`` knows no character LM, and unit tests of the trainer's
+parts (settings, workdir, checkpoints) that do not need a model.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hmlstm_jax import settings
+from hmlstm_jax import training
+from hmlstm_jax.settings import nested
+from hmlstm_jax.settings import setting
+from hmlstm_jax.training import workdir as workdir_lib
+
+TRUE_W = np.array([1.5, -2.0, 0.5, 3.0], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionConfig:
+  rows: int = setting(512, "Examples per split.")
+  noise: float = setting(0.05, "Label noise.")
+  train: training.TrainConfig = nested(training.TrainConfig)
+
+
+class Split:
+  """Batches of (x, y) with y = x·w + noise, rows leading."""
+
+  def __init__(self, seed, n, batch, noise, hosts):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = (x @ TRUE_W + noise * rng.normal(size=n)).astype(np.float32)
+    per_host = batch // hosts.count
+    self.x = x.reshape(-1, batch, 4)[:, hosts.index * per_host:(hosts.index + 1) * per_host]
+    self.y = y.reshape(-1, batch)[:, hosts.index * per_host:(hosts.index + 1) * per_host]
+
+  def __len__(self):
+    return len(self.x)
+
+  def __getitem__(self, k):
+    return {"x": self.x[k], "y": self.y[k]}
+
+
+class Regression(training.Experiment):
+  """Least squares; no carried state, no slope, its own metric in the loss's aux."""
+
+  def load_data(self, hosts):
+    c, t = self.config, self.config.train
+    return training.Data(
+        train=Split(0, c.rows, t.batch_size, c.noise, hosts),
+        evals={"validation": Split(1, c.rows // 4, t.eval_batch_size, c.noise, hosts),
+               "test": Split(2, c.rows // 4, t.eval_batch_size, c.noise, hosts)},
+        description="regression", items_per_batch=t.batch_size, item_name="examples")
+
+  def init_params(self, key):
+    return {"w": jax.random.normal(key, (4,)) * 0.1}
+
+  def loss(self, params, carry, batch, slope, key):
+    err = batch["x"] @ params["w"] - batch["y"]
+    return jnp.mean(err ** 2), (carry, {"mean_abs_err": jnp.mean(jnp.abs(err))})
+
+  def eval_sums(self, params, carry, batch, slope):
+    err = batch["x"] @ params["w"] - batch["y"]
+    return carry, {"sq": jnp.sum(err ** 2), "n": jnp.float32(err.size)}
+
+  def summarize(self, sums):
+    return {"loss": float(sums["sq"] / sums["n"])}
+
+  def report(self, params, slope, workdir):
+    return {"w": np.asarray(params["w"]).tolist()}, [f"w = {np.round(params['w'], 2)}"]
+
+
+def regression(**changes):
+  config = settings.replace(RegressionConfig(), batch_size=8, eval_batch_size=8,
+                            learning_rate=0.05, num_epochs=4, eval_every=16, log_every=8,
+                            checkpoint_every=16, num_devices=2, slope_rate=0.0)
+  return Regression(settings.replace(config, **changes))
+
+
+def test_a_model_the_trainer_never_saw_trains_and_reports(tmp_path, capsys):
+  result = training.train_and_evaluate(regression(), str(tmp_path / "run"))
+  assert result["status"] == "done" and result["step"] == 4 * 64
+  assert result["test"]["loss"] < 0.01  # noise² = 0.0025
+  np.testing.assert_allclose(result["w"], TRUE_W, atol=0.05)
+  out = capsys.readouterr().out
+  assert "training regression, 256 steps, 2 device(s)" in out
+  assert "examples/s" in out and "w = [" in out and "test: loss " in out
+  losses = result["train_losses"]
+  assert len(losses) == 256 and losses[-1] < losses[0] / 50
+
+
+def test_the_regression_resumes_exactly(tmp_path):
+  straight = training.train_and_evaluate(regression(), str(tmp_path / "a"), max_steps=40)
+  first = training.train_and_evaluate(regression(), str(tmp_path / "b"), max_steps=23)
+  second = training.train_and_evaluate(regression(), str(tmp_path / "b"), max_steps=17)
+  assert second["step"] == 40
+  np.testing.assert_array_equal(first["train_losses"] + second["train_losses"], straight["train_losses"])
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_flags_come_from_the_configs_and_build_them_back():
+  fv = flags.FlagValues()
+  settings.define_flags(RegressionConfig, fv)
+  assert {"rows", "noise", "learning_rate", "batch_size", "num_epochs"} <= set(fv)
+  assert fv["learning_rate"].help == dataclasses.fields(training.TrainConfig)[2].metadata["help"]
+  fv(["prog", "--rows=64", "--learning_rate=0.5", "--num_devices=2"])
+  config = settings.from_flags(RegressionConfig, fv)
+  assert config.rows == 64 and config.train.learning_rate == 0.5 and config.train.num_devices == 2
+  assert config.train.batch_size == training.TrainConfig().batch_size
+
+
+def test_an_invalid_value_fails_when_the_config_is_built():
+  with pytest.raises(ValueError, match=r"Factor must be in the range \(0, 1\)"):
+    training.TrainConfig(lr_decay_factor=1.0)
+  with pytest.raises(ValueError, match="clip_norm must be positive"):
+    settings.replace(RegressionConfig(), clip_norm=0.0)
+  with pytest.raises(ValueError, match="unknown settings"):
+    settings.replace(RegressionConfig(), leraning_rate=0.1)
+
+
+def test_a_setting_declared_twice_is_refused():
+  @dataclasses.dataclass(frozen=True)
+  class Twice:
+    seed: int = setting(0, "again")
+    train: training.TrainConfig = nested(training.TrainConfig)
+
+  with pytest.raises(ValueError, match="'seed' is declared twice"):
+    settings.define_flags(Twice, flags.FlagValues())
+
+
+def test_differences_ignore_changeable_settings():
+  saved = settings.flat(RegressionConfig())
+  wanted = settings.flat(settings.replace(RegressionConfig(), num_epochs=9.0, noise=0.5, log_every=3))
+  assert settings.differences(RegressionConfig, saved, wanted) == ["noise: 0.05 → 0.5"]
+
+
+def test_slope_is_computed_on_the_host_with_the_devices_arithmetic():
+  from hmlstm_jax import boundary
+  config = training.TrainConfig(max_slope=5.0, slope_rate=0.04)
+  for epoch in (0.0, 0.37, 3.999, 12.5, 99.99, 1000.0):
+    host = boundary.slope_schedule(epoch, 5.0, 0.04)
+    assert isinstance(host, np.floating)  # no device array, no transfer
+    assert host == np.asarray(jax.jit(boundary.slope_schedule, static_argnums=(1, 2))(
+        jnp.float32(epoch), 5.0, 0.04))
+    assert config.slope(epoch) == float(host)
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def test_a_second_run_on_a_held_workdir_is_refused(tmp_path):
+  path = str(tmp_path / "w")
+  with workdir_lib.open_workdir(path, regression().config):
+    with pytest.raises(training.RunError, match="is in use by a running job"):
+      training.train_and_evaluate(regression(), path)
+  # released: the same workdir works again
+  assert training.train_and_evaluate(regression(), path, max_steps=2)["step"] == 2
+
+
+def test_a_killed_holder_does_not_leave_the_lock_stuck(tmp_path):
+  path = str(tmp_path / "w")
+  holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      import sys, time
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      from hmlstm_jax.training import workdir
+      from test_trainer import regression
+      with workdir.open_workdir({path!r}, regression().config):
+        print("held", flush=True)
+        time.sleep(120)
+      """)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(training.RunError, match=r"in use by a running job \(pid"):
+      with workdir_lib.open_workdir(path, regression().config):
+        pass
+    holder.kill()
+    holder.wait(timeout=30)
+    with workdir_lib.open_workdir(path, regression().config):
+      pass
+  finally:
+    holder.kill()
+
+
+def test_resuming_with_other_settings_names_them_and_touches_nothing(tmp_path):
+  path = str(tmp_path / "w")
+  training.train_and_evaluate(regression(), path, max_steps=16)
+  before = {name: open(os.path.join(path, name), "rb").read() for name in ("config.json",)}
+  steps_before = sorted(os.listdir(os.path.join(path, "checkpoints")))
+  with pytest.raises(training.RunError, match=r"other settings \(noise: 0\.05 → 0\.2; "
+                                              r"learning_rate: 0\.05 → 0\.1\)"):
+    training.train_and_evaluate(regression(noise=0.2, learning_rate=0.1), path)
+  assert open(os.path.join(path, "config.json"), "rb").read() == before["config.json"]
+  assert sorted(os.listdir(os.path.join(path, "checkpoints"))) == steps_before
+  # changeable settings may differ: more epochs, another cadence
+  resumed = training.train_and_evaluate(regression(num_epochs=0.5, log_every=4), path)
+  assert resumed["status"] == "done" and resumed["step"] == 32
+
+
+def test_a_workdir_that_is_a_file_or_unwritable_is_one_clear_error(tmp_path):
+  afile = tmp_path / "file"
+  afile.write_text("x")
+  with pytest.raises(training.RunError, match="is a file, not a directory"):
+    training.train_and_evaluate(regression(), str(afile))
+  with pytest.raises(training.RunError, match="cannot use --workdir .*choose a writable"):
+    training.train_and_evaluate(regression(), str(afile / "sub"))
+  with pytest.raises(training.RunError, match="cannot use --workdir /proc/"):
+    training.train_and_evaluate(regression(), "/proc/hmlstm_jax_test")
+
+
+def test_a_failure_before_any_output_leaves_no_workdir(tmp_path):
+  class NoData(Regression):
+    def load_data(self, hosts):
+      raise ValueError("no such corpus")
+
+  with pytest.raises(ValueError, match="no such corpus"):
+    training.train_and_evaluate(NoData(regression().config), str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
