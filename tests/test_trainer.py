@@ -225,3 +225,117 @@ def test_a_failure_before_any_output_leaves_no_workdir(tmp_path):
   with pytest.raises(ValueError, match="no such corpus"):
     training.train_and_evaluate(NoData(regression().config), str(tmp_path / "new"))
   assert not os.path.exists(tmp_path / "new")
+
+
+# ----------------------------------------------------------------------------- faults
+
+from hmlstm_jax.training import checkpoints  # noqa: E402
+from hmlstm_jax.training import steps  # noqa: E402
+
+
+class _Killed(BaseException):
+  """Stands for SIGKILL at a chosen point: nothing after it runs, nothing catches it."""
+
+
+class Worsening(Regression):
+  """Validation gets worse as training goes on: the best step is the first validation's."""
+
+  def summarize(self, sums):
+    return {"loss": -float(sums["sq"] / sums["n"])}
+
+
+def test_a_kill_right_after_any_checkpoint_write_resumes_to_the_same_results(tmp_path, monkeypatch):
+  """Fault 1: a kill between writing a checkpoint and anything after it (the old loop wrote
+  'latest' and 'best' separately) must leave a checkpoint and its best together."""
+  worsening = lambda **kw: Worsening(regression(checkpoint_every=8, **kw).config)
+  straight = training.train_and_evaluate(worsening(), str(tmp_path / "straight"))
+  assert straight["best_step"] == 16  # the first validation; 3 newer checkpoints exist
+  real_save = checkpoints.Checkpointer.save
+  for kill_at in (8, 16, 48):  # before any validation (no best yet), at a new best, later
+    path = str(tmp_path / f"killed{kill_at}")
+
+    def save_then_die(self, step, state, meta):
+      real_save(self, step, state, meta)
+      if step == kill_at:
+        raise _Killed()
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_die)
+    with pytest.raises(_Killed):
+      training.train_and_evaluate(worsening(), path)
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", real_save)
+    resumed = training.train_and_evaluate(worsening(), path)
+    assert resumed["best_step"] == straight["best_step"]
+    assert resumed["test"] == straight["test"]
+
+
+def _poison_from(step_index, poison):
+  real = steps.train_step
+
+  def step(state, *args, **kwargs):
+    new_state, out = real(state, *args, **kwargs)
+    bad = state.step >= step_index
+    return poison(new_state, out, bad)
+
+  return step
+
+
+def test_an_update_that_diverges_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+  """Fault 2: the update of the step from state 5 sends the parameters to 1e30 (finite); the
+  loss of the next step is inf. The old loop checkpointed state 6 as good (its check read the
+  loss computed before the update), and every resume failed there."""
+  path = str(tmp_path / "w")
+  blow_up = lambda s, out, bad: (s.replace(params=jax.tree_util.tree_map(
+      lambda p: jnp.where(bad, 1e30, p), s.params)), out)
+  monkeypatch.setattr(steps, "train_step", _poison_from(5, blow_up))
+  with pytest.raises(training.NonFiniteError, match="parameters after step 6 give a non-finite "
+                                                    "loss .* last good checkpoint, step 5"):
+    training.train_and_evaluate(regression(checkpoint_every=1), path)
+  monkeypatch.undo()
+  ckpt = checkpoints.Checkpointer(path, 3)
+  assert ckpt.steps()[-1] == 5
+  resumed = training.train_and_evaluate(regression(checkpoint_every=1), path, max_steps=3)
+  assert resumed["step"] == 8 and all(np.isfinite(resumed["train_losses"]))
+
+
+def test_a_non_finite_loss_names_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  path = str(tmp_path / "w")
+  nan_loss = lambda s, out, bad: (s, dict(out, loss=jnp.where(bad, jnp.nan, out["loss"])))
+  monkeypatch.setattr(steps, "train_step", _poison_from(10, nan_loss))
+  with pytest.raises(training.NonFiniteError,
+                     match=r"loss \(nan\) or gradient norm .* in step 11 \(steps 9-12 read back "
+                           r"now\); the last good checkpoint, step 8"):
+    training.train_and_evaluate(regression(checkpoint_every=8, log_every=4, eval_every=1000), path)
+  assert checkpoints.Checkpointer(path, 3).steps() == [8]
+
+
+def _garble(step_dir):
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      with open(os.path.join(root, name), "r+b") as f:
+        size = f.seek(0, 2)
+        f.truncate(size // 2)
+        f.seek(0)
+        f.write(b"\x00garbage")
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+  """Fault 3: a truncated latest checkpoint gave a 148-line Orbax traceback."""
+  path = str(tmp_path / "w")
+  config = dict(checkpoint_every=8, eval_every=1000)
+  straight = training.train_and_evaluate(regression(**config), str(tmp_path / "s"), max_steps=32)
+  training.train_and_evaluate(regression(**config), path, max_steps=32)
+  _garble(os.path.join(path, "checkpoints", "32"))
+  capsys.readouterr()
+  resumed = training.train_and_evaluate(regression(**config), path, max_steps=8)
+  out = capsys.readouterr().out
+  assert f"warning: checkpoint 32 in {path}/checkpoints cannot be read" in out
+  assert "resuming from step 24" in out and "resumed from" in out
+  assert resumed["step"] == 32
+  np.testing.assert_array_equal(resumed["train_losses"], straight["train_losses"][24:])
+  assert os.listdir(os.path.join(path, "checkpoints_unreadable"))[0].startswith("32-")
+  # nothing readable at all: one line, and nothing is moved
+  for step in checkpoints.Checkpointer(path, 3).steps():
+    _garble(os.path.join(path, "checkpoints", str(step)))
+  with pytest.raises(training.RunError, match="no checkpoint in .* can be read"):
+    training.train_and_evaluate(regression(**config), path)
+  assert checkpoints.Checkpointer(path, 3).steps() == [16, 24, 32]

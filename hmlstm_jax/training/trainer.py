@@ -274,6 +274,8 @@ class Run:
   def final_report(self) -> dict:
     """Validation and test with the best parameters, the experiment's report, results.json."""
     best = self.meta["best_step"]
+    if best is None:
+      raise RunError(f"the checkpoints in {self.ckpt.directory} name no best step; run again")
     try:
       host_state, best_meta = self.ckpt.restore(best, self.template)
     except Exception as err:
