@@ -59,6 +59,8 @@ class Config:
   train: TrainConfig = nested(TrainConfig)
 
   def __post_init__(self):
+    if self.dataset not in data.DATASETS:
+      raise ValueError(f"unknown dataset {self.dataset!r}; choose from {data.DATASETS}")
     for name in ("synthetic_chars", "seq_len"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -115,21 +115,38 @@ def test_zip_builders_prepare_the_90_5_5_splits(tmp_path, small_chunks, name, me
   np.testing.assert_array_equal(again.splits["train"], corpus.splits["train"])
 
 
-def test_ptb_builder_reads_simple_examples_tgz(tmp_path, small_chunks):
-  texts = {"train": "a _ c a t\n t h e _ d o g\n", "valid": "t h e _ c a t\n", "test": "a _ d o g\n"}
-  manual = tmp_path / "manual"
+def _ptb_archive(manual, texts, repeat=20):
   manual.mkdir()
   with tarfile.open(manual / "simple-examples.tgz", "w:gz") as tar:
     for split, text in texts.items():
-      blob = (text * 20).encode()
+      blob = (text * repeat).encode()
       info = tarfile.TarInfo(f"./simple-examples/data/ptb.char.{split}.txt")
       info.size = len(blob)
       tar.addfile(info, io.BytesIO(blob))
+
+
+def test_ptb_builder_reads_simple_examples_tgz(tmp_path, small_chunks):
+  texts = {"train": "a _ c a t\n t h e _ d o g\n", "valid": "t h e _ c a t\n", "test": "a _ d o g\n"}
+  manual = tmp_path / "manual"
+  _ptb_archive(manual, texts)
   corpus = corpora.load_corpus("ptb", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
   assert corpus.vocab.decode(corpus.splits["validation"]) == "the_cat\n" * 20
   assert corpus.vocab.decode(corpus.splits["train"][:17]) == "a_cat\nthe_dog\na_c"
   assert corpus.vocab.decode(range(corpus.vocab.size)) == "\n_acdeghot"
   np.testing.assert_array_equal(corpus.labels["test"]["word"][:6], [False, True, False, False, False, True])
+
+
+def test_a_garbage_or_empty_archive_is_one_clear_error(tmp_path):
+  """Fault 6: these escaped as tarfile.ReadError and TFDS's AssertionError."""
+  manual = tmp_path / "garbage"
+  manual.mkdir()
+  (manual / "simple-examples.tgz").write_bytes(b"this is not a gzipped tar" * 10)
+  with pytest.raises(ValueError, match=r"simple-examples.tgz is not a readable simple-examples.tgz "
+                                       r"\(ReadError.*delete it and download it again"):
+    corpora.load_corpus("ptb", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  _ptb_archive(tmp_path / "empty", {"train": "", "valid": "a _ b\n", "test": "a _ b\n"})
+  with pytest.raises(ValueError, match=r"the train split\(s\) are empty"):
+    corpora.load_corpus("ptb", data_dir=str(tmp_path / "tfds2"), manual_dir=str(tmp_path / "empty"))
 
 
 def test_missing_archive_and_no_network_names_file_url_and_directory(tmp_path, monkeypatch):

@@ -1,21 +1,26 @@
-"""The character-LM experiment end to end (training/, experiments/charlm.py) on tiny corpora."""
+"""The character-LM experiment end to end (experiments/charlm.py on the trainer) on tiny corpora."""
 import glob
 import json
 import math
 import os
+import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
 
+from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
+from experiments import charlm
+from hmlstm_jax import settings
 from hmlstm_jax import training
 from hmlstm_jax.training import checkpoints
-from hmlstm_jax.training import metrics
+from hmlstm_jax.training import cli
 from hmlstm_jax.training import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,18 +31,13 @@ TINY = dict(dataset="synthetic", synthetic_chars=6000, layer_sizes=(12, 12, 12),
             num_samples=2, sample_chars=20, slope_rate=1.0, num_devices=1)
 
 
-def tiny(**overrides) -> training.TrainConfig:
-  return training.TrainConfig(**dict(TINY, **overrides))
-
-
-def _template(config):
-  """A state shaped like the tiny runs' checkpoints (28 symbols, 4 rows)."""
-  return steps.init_state(jax.random.key(0), config.with_vocab(28), steps.make_optimizer(1.0, 1.0),
-                          steps.make_plateau(0.02, 1), rows=4)
+def tiny(**overrides) -> charlm.CharLM:
+  return charlm.CharLM(settings.replace(charlm.Config(), **dict(TINY, **overrides)))
 
 
 def test_end_to_end_run_writes_everything(tmp_path):
   workdir = str(tmp_path / "run")
+  os.umask(0o022)
   result = training.train_and_evaluate(tiny(), workdir)
   assert result["status"] == "done" and result["step"] == 93  # ceil(1 epoch of 93 segments)
   for split in ("valid", "test"):
@@ -54,14 +54,20 @@ def test_end_to_end_run_writes_everything(tmp_path):
   assert saved["test"]["bpc"] == pytest.approx(result["test"]["bpc"])
   assert json.load(open(os.path.join(workdir, "config.json")))["layer_sizes"] == [12, 12, 12]
   assert len(result["samples"]) == 2 and all(len(s) == 20 for s in result["samples"])
-  events = glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
-  scalars = metrics.read_scalars(events[0])
-  tags = {tag for _, tag, _ in scalars}
-  assert {"train/loss", "train/bpc", "valid/bpc", "slope", "learning_rate"} <= tags
-  train_loss = [(s, v) for s, t, v in scalars if t == "train/loss"]
-  assert train_loss[0][0] == 10 and train_loss[0][1] == pytest.approx(result["train_losses"][9], rel=1e-6)
-  assert os.path.isdir(os.path.join(workdir, "best")) and os.listdir(os.path.join(workdir, "checkpoints"))
+  # TensorBoard's own reader (independent of the writer) sees the scalars
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  assert {"train/loss", "train/bpc", "valid/bpc", "slope", "learning_rate", "train/grad_norm"} <= tags
+  train_loss = events.Scalars("train/loss")
+  assert [e.step for e in train_loss] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 93]
+  assert train_loss[0].value == pytest.approx(result["train_losses"][9], rel=1e-6)
+  assert events.Scalars("valid/bpc")[-1].value == pytest.approx(result["valid"]["bpc"], rel=1e-3)
+  steps = checkpoints.Checkpointer(workdir, 3).steps()
+  assert steps[-1] == 93 and result["best_step"] in steps
   assert not glob.glob(os.path.join(workdir, "**", "*.tmp"), recursive=True)
+  for name in ("config.json", "results.json", "boundaries.png"):  # fault 7: not 0600
+    assert stat.S_IMODE(os.stat(os.path.join(workdir, name)).st_mode) == 0o644, name
 
 
 def test_one_and_two_devices_give_the_same_losses(tmp_path):
@@ -83,37 +89,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, boundary):
                              rtol=1e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  """From step 5 on, the step's parameters and loss turn NaN (as a diverging run's would)."""
-  workdir = str(tmp_path / "nan")
-  config = tiny(checkpoint_every=1, eval_every=1000)
-  real_step = steps.train_step
-
-  def diverging_step(state, *args, **kwargs):
-    new_state, out = real_step(state, *args, **kwargs)
-    bad = state.step >= 5
-    poison = lambda x: jnp.where(bad, jnp.nan, x)
-    return new_state.replace(params=jax.tree_util.tree_map(poison, new_state.params)), dict(out, loss=poison(out["loss"]))
-
-  monkeypatch.setattr(steps, "train_step", diverging_step)
-  with pytest.raises(FloatingPointError, match="non-finite training loss") as err:
-    training.train_and_evaluate(config, workdir)
-  failed_at = int(str(err.value).split("at step ")[1].split(";")[0])
-  assert failed_at == 5
-  ckpt = checkpoints.Checkpointer(workdir, 3)
-  assert ckpt.latest_step() == failed_at  # the last good step; the bad one was never saved
-  template = _template(config)
-  state, meta = ckpt.restore(template)
-  assert int(state.step) == failed_at and meta["step"] == failed_at
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
-
-
 def test_bad_settings_fail_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
     training.train_and_evaluate(tiny(batch_size=6, num_devices=4), str(tmp_path / "a"))
   with pytest.raises(ValueError, match="shorter than the segment length 5000"):
     training.train_and_evaluate(tiny(seq_len=5000), str(tmp_path / "b"))
-  with pytest.raises(ValueError, match="unknown dataset"):
+  with pytest.raises(ValueError, match="dataset"):
     tiny(dataset="wikitext")
   assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
@@ -121,27 +102,31 @@ def test_bad_settings_fail_before_any_work(tmp_path):
 # ----------------------------------------------------------------------------- the binary
 
 
+def _parse(*argv):
+  fv = flags.FlagValues()
+  settings.define_flags(charlm.Config, fv)
+  args, stem = cli.resolve_flagfiles(list(argv), charlm.FLAGS_DIR)
+  fv(["charlm", *args])
+  return settings.from_flags(charlm.Config, fv), stem
+
+
 def test_every_flagfile_parses_into_a_valid_config():
-  from experiments import charlm
   flagfiles = sorted(glob.glob(os.path.join(charlm.FLAGS_DIR, "*.flags")))
   names = {os.path.basename(p) for p in flagfiles}
   assert {"demo.flags", "ptb.flags", "ptb_step.flags", "ptb_sample.flags", "ptb_soft.flags",
           "ptb_lnlstm.flags", "text8.flags", "text8_nolayernorm.flags", "enwik8.flags",
           "enwik8_nolayernorm.flags"} <= names
-  flags = charlm.FLAGS
   for path in flagfiles:
     header = open(path).readline()
     assert header.startswith("# ") and ("BPC" in header or "Demo" in header), path
-    flags.unparse_flags()
-    flags(["charlm"] + charlm.resolve_flagfiles([f"--flagfile={os.path.basename(path)}"]))
-    config = charlm.config_from_flags()
+    config, stem = _parse(f"--flagfile={os.path.basename(path)}")
     assert config.dataset in path or "demo" in path
-  flags.unparse_flags()
-  flags(["charlm"] + charlm.resolve_flagfiles(["--flagfile=ptb.flags", "--batch_size=32"]))
-  config = charlm.config_from_flags()
-  assert config.batch_size == 32 and config.layer_norm and config.slope_rate == 0.04
-  assert config.layer_sizes == (512, 512, 512)
-  flags.unparse_flags()
+    assert stem == os.path.splitext(os.path.basename(path))[0]
+  config, _ = _parse("--flagfile=ptb.flags", "--batch_size=32")
+  assert config.train.batch_size == 32 and config.model.layer_norm and config.train.slope_rate == 0.04
+  assert config.model.layer_sizes == (512, 512, 512) and config.model.matmul_dtype is None
+  config, _ = _parse("--flagfile=ptb.flags", "--matmul_dtype=bfloat16")
+  assert config.model.matmul_dtype == "bfloat16"
 
 
 def _binary(workdir, *extra):
@@ -149,40 +134,96 @@ def _binary(workdir, *extra):
   return [sys.executable, "-m", "experiments.charlm", f"--workdir={workdir}", *args, *extra]
 
 
-def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
-  workdir = str(tmp_path / "term")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.Popen(_binary(workdir, "--num_epochs=50", "--log_every=1"), cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 240
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def _run_until(cmd, line_prefix, sig=signal.SIGTERM, timeout=240):
+  """Runs ``cmd``, sends ``sig`` when a stdout line starts with ``line_prefix``; returns
+  (exit code, output)."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + timeout
   lines = []
   try:
     for line in proc.stdout:
       lines.append(line)
-      if line.startswith("step 3/"):
-        proc.send_signal(signal.SIGTERM)
+      if line.startswith(line_prefix):
+        proc.send_signal(sig)
         break
       assert time.time() < deadline, "".join(lines)
     rest, _ = proc.communicate(timeout=120)
   finally:
     proc.kill()
-  output = "".join(lines) + rest
-  assert proc.returncode == 0, output
-  assert "stopped at step" in output
+  return proc.returncode, "".join(lines) + rest
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_75(tmp_path):
+  workdir = str(tmp_path / "term")
+  code, output = _run_until(_binary(workdir, "--num_epochs=50", "--log_every=1"), "step 3/")
+  assert code == cli.EXIT_PREEMPTED, output  # fault 7: not 0, the run is unfinished
+  assert "stopped at step" in output and "Traceback" not in output
   ckpt = checkpoints.Checkpointer(workdir, 3)
-  step = ckpt.latest_step()
-  assert step is not None and step >= 3
-  config = tiny()
-  template = _template(config)
-  state, meta = ckpt.restore(template)
+  step = ckpt.steps()[-1]
+  assert step >= 3
+  experiment = tiny()
+  experiment.load_data(training.Hosts(0, 1))
+  template = steps.init_state(jax.random.key(0), experiment, steps.make_optimizer(1.0, 1.0),
+                              steps.make_plateau(0.02, 1), rows=4)
+  state, meta = ckpt.restore(step, template)
   assert int(state.step) == step and meta["position"] == step % meta["steps_per_epoch"]
 
 
-def test_binary_rejects_bad_flags_with_a_message(tmp_path):
-  run = lambda *a: subprocess.run(_binary(str(tmp_path / "x"), *a), cwd=ROOT, capture_output=True,
-                                  text=True, timeout=120,
-                                  env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+def test_sigterm_during_the_final_report_exits_75_and_a_rerun_writes_it(tmp_path):
+  workdir = str(tmp_path / "report")
+  code, output = _run_until(_binary(workdir, "--num_epochs=0.3"), "final report:")
+  assert code == cli.EXIT_PREEMPTED, output  # fault 7: was 143 and silent
+  assert "run again to write the report" in output and "Traceback" not in output
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  rerun = subprocess.run(_binary(workdir, "--num_epochs=0.3"), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=240)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert "resumed from" in rerun.stdout and "test: BPC" in rerun.stdout
+  assert json.load(open(os.path.join(workdir, "results.json")))["best_step"] == 28
+
+
+def _one_line_error(result, *fragments):
+  err = result.stderr.strip().splitlines()
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  assert err and all(f in err[-1] for f in fragments), result.stderr
+
+
+def test_binary_errors_are_one_line_with_a_non_zero_exit(tmp_path):
+  """Fault 6 (and bad flags): one clear line, exit 1, no traceback, nothing half-written."""
+  run = lambda *a, **kw: subprocess.run(_binary(str(tmp_path / "x"), *a), cwd=ROOT, capture_output=True,
+                                        text=True, timeout=240, env=_env(), **kw)
   bad = run("--dataset=wikitext")
   assert bad.returncode != 0 and "wikitext" in bad.stderr
-  indivisible = run("--batch_size=3", "--num_devices=2")
-  assert indivisible.returncode == 1 and "not divisible by the 2 devices" in indivisible.stderr
+  _one_line_error(run("--batch_size=3", "--num_devices=2"), "not divisible by the 2 devices")
+  _one_line_error(run("--lr_decay_factor=1"), "bad flags", "Factor must be in the range (0, 1)")
+  assert not os.path.exists(tmp_path / "x")
+  _one_line_error(run("--learning_rate=1e30"), "charlm: ", "non-finite")
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  _one_line_error(subprocess.run(_binary(str(afile)), cwd=ROOT, capture_output=True, text=True,
+                                 timeout=240, env=_env()), "is a file, not a directory")
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # preexec_fn: only sets a limit, then execs
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+  """Fault 6: no file may grow past 4 kB (RLIMIT_FSIZE, as a full disk would refuse the
+  write): the first checkpoint cannot be written."""
+  workdir = tmp_path / "full"
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+  result = subprocess.run(_binary(str(workdir), "--figure_chars=0", "--num_samples=0"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=240, env=_env(), preexec_fn=limit)
+  _one_line_error(result, "could not write checkpoint 20", "previous checkpoints are intact")
+  left = [p for p in glob.glob(str(workdir / "**"), recursive=True)
+          if p.endswith(".tmp") or "orbax-checkpoint-tmp" in p]
+  assert left == []
+  assert checkpoints.Checkpointer(str(workdir), 3).steps() == []

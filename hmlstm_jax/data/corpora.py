@@ -85,7 +85,16 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
     raise NotImplementedError
 
   def _split_generators(self, dl_manager):
-    data = self.read_splits(self._archive_path(dl_manager))
+    archive = self._archive_path(dl_manager)
+    try:
+      data = self.read_splits(archive)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
+      raise ValueError(f"{archive} is not a readable {self.ARCHIVE} ({type(err).__name__}: "
+                       f"{err}); delete it and download it again") from None
+    empty = [split for split in SPLITS if not data[split]]
+    if empty:
+      raise ValueError(f"{archive}: the {', '.join(empty)} split(s) are empty; the archive is "
+                       f"not the canonical {self.ARCHIVE}: delete it and download it again")
     return {split: self._generate_examples(data[split]) for split in SPLITS}
 
   def _generate_examples(self, data: bytes):

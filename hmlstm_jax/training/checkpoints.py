@@ -17,10 +17,15 @@ them; if none can be read the run stops with one line.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
+import sys
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import orbax.checkpoint as ocp
 
@@ -33,6 +38,43 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 def _first_line(err: BaseException) -> str:
   text = str(err).strip().splitlines()
   return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _quiet_threads() -> Iterator[list]:
+  """Collects what Orbax's worker threads log or raise while a checkpoint is written.
+
+  A failed write (a full disk) makes each of its threads log an error with a traceback; the
+  failure itself comes back to the caller, which reports it in one line. Records of a save
+  that succeeds are logged as usual afterwards.
+  """
+  records: list = []
+  root = logging.getLogger()
+
+  class Collect(logging.Filter):
+    def filter(self, record):
+      if record.levelno >= logging.WARNING and record.threadName != "MainThread":
+        records.append(record)
+        return False
+      return True
+
+  collect = Collect()
+  handlers = [h for logger in (root, logging.getLogger("absl")) for h in logger.handlers]
+  for h in handlers:
+    h.addFilter(collect)
+  previous_hook, previous_stderr = threading.excepthook, sys.stderr
+  threading.excepthook = lambda args: records.append(args)
+  sys.stderr = io.StringIO()  # tensorstore's callbacks print to it from their threads
+  try:
+    try:
+      yield records
+    except Exception:
+      time.sleep(1.0)  # let the failed write's callbacks finish printing into the buffer
+      raise
+  finally:
+    threading.excepthook, sys.stderr = previous_hook, previous_stderr
+    for h in handlers:
+      h.removeFilter(collect)
 
 
 class Checkpointer:
@@ -56,14 +98,18 @@ class Checkpointer:
     """Saves ``state`` (host arrays) and ``meta`` (JSON-able, with ``best_step``) at ``step``,
     then deletes the checkpoints that are neither among the latest ``keep`` nor the best."""
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
-      self.manager.wait_until_finished()
+      with _quiet_threads() as records:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
     except Exception as err:  # a full disk, a lost bucket: Orbax raises many types
       self._remove_temporaries()
       raise RunError(f"could not write checkpoint {step} in {self.directory} ({_first_line(err)}); "
                      "the previous checkpoints are intact: free space or fix the directory, and "
                      "run again") from None
+    for record in records:
+      if isinstance(record, logging.LogRecord):
+        logging.getLogger(record.name).handle(record)
     steps = self.steps()
     keep = set(steps[-self.keep:]) | {meta.get("best_step")}
     for s in steps:

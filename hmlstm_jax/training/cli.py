@@ -25,6 +25,17 @@ from hmlstm_jax.training.trainer import train_and_evaluate
 EXIT_PREEMPTED = 75
 
 
+def _exit(code: int, message: str | None = None) -> None:
+  """Prints ``message`` on stderr and ends the process now. The run has closed its files and
+  checkpoints (``finally`` blocks); skipping the interpreter's shutdown keeps library threads
+  (Orbax's, after a failed write) from printing tracebacks or hanging at exit."""
+  if message:
+    print(message, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def resolve_flagfiles(argv: list[str], flags_dir: str) -> tuple[list[str], str | None]:
   """``--flagfile=NAME`` → ``flags_dir/NAME`` when NAME is not an existing path; also
   returns the last flagfile's stem (the default workdir's name)."""
@@ -59,17 +70,16 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
     try:
       config = settings.from_flags(config_cls)
     except ValueError as err:
-      sys.exit(f"{name}: bad flags: {err}")
+      _exit(1, f"{name}: bad flags: {err}")
     workdir = flags.FLAGS.workdir or default_workdir(config, stem)
     try:
       result = train_and_evaluate(make_experiment(config), workdir)
     except (RunError, ValueError, OSError) as err:  # settings, data, disk: one line, no traceback
-      sys.exit(f"{name}: {err}")
+      _exit(1, f"{name}: {err}")
     except Preempted as err:
-      print(f"{name}: stopped ({err}); training is complete and checkpointed in {workdir}: run "
-            "again to write the report", file=sys.stderr, flush=True)
-      sys.exit(EXIT_PREEMPTED)
+      _exit(EXIT_PREEMPTED, f"{name}: stopped ({err}); training is complete and checkpointed in "
+            f"{workdir}: run again to write the report")
     if result["status"] == "preempted":
-      sys.exit(EXIT_PREEMPTED)
+      _exit(EXIT_PREEMPTED)
 
   app.run(main, argv=argv)

@@ -14,6 +14,7 @@ class NonFiniteError(RunError, FloatingPointError):
   """A non-finite loss, gradient norm, parameter or validation objective."""
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
   """SIGTERM (or SIGINT) arrived where the run could not stop at a checkpoint boundary (the
-  final report); the last checkpoint is intact and running again redoes the report."""
+  final report); the last checkpoint is intact and running again redoes the report. Like
+  KeyboardInterrupt, it is not an Exception, so that no ``except Exception`` swallows it."""

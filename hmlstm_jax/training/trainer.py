@@ -276,6 +276,7 @@ class Run:
     best = self.meta["best_step"]
     if best is None:
       raise RunError(f"the checkpoints in {self.ckpt.directory} name no best step; run again")
+    say(f"final report: the best checkpoint (step {best}) on validation and test")
     try:
       host_state, best_meta = self.ckpt.restore(best, self.template)
     except Exception as err:
