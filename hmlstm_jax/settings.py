@@ -82,7 +82,7 @@ def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None
     if field.name in seen:
       raise ValueError(f"setting {field.name!r} is declared twice in {cls.__name__}")
     seen.add(field.name)
-    base, optional = _base(tp)
+    base, _ = _base(tp)
     default, help_, choices = field.default, meta["help"], meta["choices"]
     if choices is not None:
       names = list(choices) if isinstance(choices, dict) else [str(c) for c in choices]
@@ -102,7 +102,6 @@ def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None
                         flag_values=flag_values)
     else:
       raise TypeError(f"setting {field.name!r}: no flag type for {tp}")
-    del optional  # None is a flag's default only; the user cannot type it
 
 
 def _from_flag(field: dataclasses.Field, tp: Any, value: Any) -> Any:
