@@ -3,6 +3,7 @@ r"""Training-step throughput: the HM-LSTM character LM against a Flax LSTM stack
     python -m experiments.benchmark              # PTB and Text8 shapes (minutes on a CPU)
     python -m experiments.benchmark --quick      # a small shape, seconds (what the tests run)
     python -m experiments.benchmark --shapes=ptb --json_out=bench.json
+    python -m experiments.benchmark --mode=loop --shapes=ptb   # the trainer's loop vs the bare step
 
 Both models are timed in one process with the same jitted step: forward, backward, global-norm
 clipping and an Adam update, on the same embedding (V → 128) and softmax. Reported per model:
@@ -12,26 +13,43 @@ matmuls (``dot``) issued per step inside each ``while`` loop (forward scan and b
 scan) of the compiled program. Beside them, the machine's own matmul rate at the shapes of the
 recurrence, and the HM-LSTM / LSTM time ratio. The row ``hm-autod`` is the same HM-LSTM
 differentiated by plain autodiff of the scan, to show what the custom backward buys.
+
+``--mode=loop`` measures what the trainer costs: the character LM at the shape, trained by the
+trainer's own loop (:meth:`hmlstm_jax.training.trainer.Run.train`: batches from the corpus,
+the slope schedule, metrics read back at every progress line, TensorBoard scalars) against the
+same mapped step called back to back on one batch already on the devices, in alternating
+rounds in one process. Validation and checkpoints are outside the timed rounds (their cost is
+set by their cadence flags).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import re
 import statistics
+import tempfile
 import time
 from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from experiments import charlm
 import hmlstm_jax as hm
 from hmlstm_jax import files
+from hmlstm_jax.training import TrainConfig
+from hmlstm_jax.training import parallel
 from hmlstm_jax.training import steps
+from hmlstm_jax.training import trainer
+from hmlstm_jax.training.workdir import open_workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,16 +331,127 @@ def format_table(records: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the trainer's loop
+
+
+class _ProgressClock:
+  """Stands in for the trainer's TensorBoard writer: notes when each progress line's scalars
+  arrive, i.e. when the metrics of every step up to then have been read back."""
+
+  def __init__(self):
+    self.times: dict[int, float] = {}
+
+  def scalars(self, step: int, values: dict) -> None:
+    del values
+    self.times[step] = time.perf_counter()
+
+  def close(self) -> None:
+    pass
+
+
+def loop_config(shape: Shape, num_steps: int, log_every: int, layer_norm: bool = False,
+                dtype: str | None = None) -> charlm.Config:
+  """A synthetic-corpus character LM at ``shape`` with room for ``num_steps`` training steps,
+  progress every ``log_every`` steps, and no validation or checkpoint of its own accord."""
+  chars = (num_steps + 2) * shape.batch * shape.steps
+  return charlm.Config(
+      dataset="synthetic", synthetic_chars=chars, seq_len=shape.steps, figure_chars=0,
+      num_samples=0,
+      model=hm.CharLMConfig(layer_sizes=shape.layer_sizes, output_size=shape.output_size,
+                            embed_size=shape.embed, layer_norm=layer_norm, matmul_dtype=dtype),
+      train=TrainConfig(batch_size=shape.batch, eval_batch_size=shape.batch, log_every=log_every,
+                        eval_every=10**9, checkpoint_every=10**9))
+
+
+def time_trainer_loop(shape: Shape, rounds: int = 3, round_steps: int = 10, log_every: int = 5,
+                      layer_norm: bool = False, dtype: str | None = None) -> dict:
+  """Tokens/s of the trainer's loop and of the bare mapped step at ``shape``, in one process.
+
+  One warm-up round of each (compilation, the probe and the checkpoint write the loop does
+  when it stops), then ``rounds`` alternating rounds of ``round_steps`` steps: the bare step
+  (one batch placed on the devices once, the step dispatched back to back, timed to the
+  last result) and the trainer's loop (:meth:`~hmlstm_jax.training.trainer.Run.train` for
+  ``round_steps`` steps, timed from the call to the arrival of its last progress line's
+  scalars, so the checkpoint it writes on stopping is not counted).
+  """
+  if round_steps % log_every:
+    raise ValueError(f"round_steps ({round_steps}) must be a multiple of log_every ({log_every})")
+  config = loop_config(shape, (rounds + 1) * round_steps + 1, log_every, layer_norm, dtype)
+  devices = parallel.local_devices(None)
+  config.train.check_devices(len(devices))
+  with tempfile.TemporaryDirectory() as tmp, \
+      open_workdir(os.path.join(tmp, "run"), config) as workdir, trainer.Signals() as signals:
+    run = trainer.Run(charlm.CharLM(config), workdir, devices)
+    run.restore()
+    clock = _ProgressClock()
+    bare_state = parallel.to_devices(run.template, devices)
+    placed = run.mapped.place(run.data.train[1])
+    slope = config.train.slope(0.0)
+
+    def bare() -> float:
+      nonlocal bare_state
+      t0 = time.perf_counter()
+      for _ in range(round_steps):
+        bare_state, out = run.mapped.train_placed(bare_state, placed, slope, False)
+      jax.block_until_ready((bare_state, out))
+      return time.perf_counter() - t0
+
+    def loop() -> float:
+      with contextlib.redirect_stdout(io.StringIO()):  # the trainer's own progress lines
+        t0 = time.perf_counter()
+        status = run.train(signals, clock, max_steps=round_steps)
+      if status != "preempted" or signals.requested:
+        raise RuntimeError("the trainer's loop stopped before the round's last step")
+      return clock.times[run.step] - t0
+
+    tokens = round_steps * shape.batch * shape.steps
+    bare(), loop()   # warm-up
+    bare_s, loop_s = [], []
+    for r in range(rounds):
+      bare_s.append(bare())
+      loop_s.append(loop())
+      print(f"  round {r + 1}/{rounds}: bare step {tokens / bare_s[-1]:.0f} tok/s, trainer loop "
+            f"{tokens / loop_s[-1]:.0f} tok/s", flush=True)
+  ratios = [b / l for b, l in zip(bare_s, loop_s)]
+  return {
+      "shape": dataclasses.asdict(shape),
+      "layer_norm": layer_norm,
+      "dtype": dtype or "float32",
+      "device": f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}",
+      "vocab": run.experiment.model.vocab_size,
+      "rounds": rounds, "round_steps": round_steps, "log_every": log_every,
+      "bare_tokens_per_s": [tokens / t for t in bare_s],
+      "loop_tokens_per_s": [tokens / t for t in loop_s],
+      "loop_over_bare": statistics.median(ratios),
+  }
+
+
+def format_loop(record: dict) -> str:
+  """One line per :func:`time_trainer_loop` record."""
+  bare, loop = (statistics.median(record[k]) for k in ("bare_tokens_per_s", "loop_tokens_per_s"))
+  return (f"{record['shape']['name']}: bare step {bare:.0f} tok/s, trainer loop {loop:.0f} tok/s, "
+          f"loop/bare {record['loop_over_bare']:.3f} (median of {record['rounds']} alternating "
+          f"rounds of {record['round_steps']} steps, a progress line every "
+          f"{record['log_every']}; {record['dtype']}, layer norm {record['layer_norm']}, "
+          f"vocabulary {record['vocab']}; {record['device']})")
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module (the tests,
   other binaries) adds nothing to the global flag registry."""
+  flags.DEFINE_enum("mode", "models", ["models", "loop"],
+                    "models: the HM-LSTM and LSTM steps; loop: the trainer's loop against the bare "
+                    "step.")
   flags.DEFINE_bool("quick", False, "Run only the small 'quick' shape (seconds; for CI and smoke tests).")
   flags.DEFINE_list("shapes", ["ptb", "text8"], f"Shapes to time, from {sorted(SHAPES)}.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   flags.DEFINE_integer("iters", 5, "Timed steps per model; the median and minimum are reported.")
+  flags.DEFINE_integer("rounds", 3, "--mode=loop: alternating rounds of each.")
+  flags.DEFINE_integer("round_steps", 10, "--mode=loop: steps per round.")
+  flags.DEFINE_integer("log_every", 5, "--mode=loop: the trainer's progress-line cadence.")
   flags.DEFINE_bool("layer_norm", False, "Time the HM-LSTM with layer normalisation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Matmul operand dtype of both models (bfloat16: float32 accumulation).")
@@ -332,16 +461,22 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO (Orbax's) with -v 0
   names = ["quick"] if FLAGS.quick else FLAGS.shapes
   unknown = [n for n in names if n not in SHAPES]
   if unknown:
     raise app.UsageError(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
   records = []
+  dtype = None if FLAGS.dtype == "float32" else FLAGS.dtype
   for name in names:
     print(f"timing {name} ...", flush=True)
-    dtype = None if FLAGS.dtype == "float32" else FLAGS.dtype
-    records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype))
-  print(format_table(records))
+    if FLAGS.mode == "loop":
+      records.append(time_trainer_loop(SHAPES[name], FLAGS.rounds, FLAGS.round_steps,
+                                       FLAGS.log_every, FLAGS.layer_norm, dtype))
+    else:
+      records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype))
+  print("\n".join(map(format_loop, records)) if FLAGS.mode == "loop" else format_table(records))
   text = json.dumps(records, indent=1)
   print(text)
   if FLAGS.json_out:

@@ -1,6 +1,7 @@
 """The benchmark binary's structure and bookkeeping (its timings are figures, not tests)."""
 import json
 
+import pytest
 
 from experiments import benchmark
 
@@ -50,3 +51,19 @@ ENTRY %main (a: f32[2,2]) -> f32[2,2] {
 }
 """
   assert benchmark.loop_matmul_counts(hlo) == [2]
+
+
+def test_trainer_loop_mode_times_the_real_loop_against_the_bare_step():
+  record = benchmark.time_trainer_loop(benchmark.SHAPES["quick"], rounds=2, round_steps=4,
+                                       log_every=2)
+  assert len(record["bare_tokens_per_s"]) == len(record["loop_tokens_per_s"]) == 2
+  assert all(v > 0 for v in record["bare_tokens_per_s"] + record["loop_tokens_per_s"])
+  assert record["loop_over_bare"] > 0 and record["vocab"] == 28  # the synthetic corpus's
+  line = benchmark.format_loop(record)
+  assert line.startswith("quick: bare step") and "loop/bare" in line
+  json.dumps(record)
+
+
+def test_trainer_loop_rounds_must_end_on_a_progress_line():
+  with pytest.raises(ValueError, match="multiple of log_every"):
+    benchmark.time_trainer_loop(benchmark.SHAPES["quick"], round_steps=5, log_every=2)

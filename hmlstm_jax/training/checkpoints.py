@@ -35,7 +35,7 @@ from hmlstm_jax.training.errors import RunError
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
   text = str(err).strip().splitlines()
   return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
@@ -104,7 +104,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
     except Exception as err:  # a full disk, a lost bucket: Orbax raises many types
       self._remove_temporaries()
-      raise RunError(f"could not write checkpoint {step} in {self.directory} ({_first_line(err)}); "
+      raise RunError(f"could not write checkpoint {step} in {self.directory} ({first_line(err)}); "
                      "the previous checkpoints are intact: free space or fix the directory, and "
                      "run again") from None
     for record in records:
@@ -146,13 +146,13 @@ class Checkpointer:
         continue
       for bad, err in failures:
         moved = self._move_aside(bad)
-        warn(f"warning: checkpoint {bad} in {self.directory} cannot be read ({_first_line(err)}); "
+        warn(f"warning: checkpoint {bad} in {self.directory} cannot be read ({first_line(err)}); "
              f"moved to {moved}, resuming from step {step}")
       return state, meta
     if failures:
       step, err = failures[0]
       raise RunError(f"no checkpoint in {self.directory} can be read (step {step}: "
-                     f"{_first_line(err)}); move the directory aside to start afresh")
+                     f"{first_line(err)}); move the directory aside to start afresh")
     return None
 
   def _move_aside(self, step: int) -> str:

@@ -11,6 +11,9 @@ import functools
 
 import flax.jax_utils
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from hmlstm_jax.data import batching
@@ -80,10 +83,21 @@ class MappedSteps:
     self._eval = jax.pmap(functools.partial(steps.eval_step, experiment=experiment),
                           axis_name=steps.AXIS, in_axes=(0, 0, 0, None), devices=devices)
     self._shard = lambda tree: shard_rows(tree, n)
+    self._rows = NamedSharding(Mesh(np.asarray(devices), (steps.AXIS,)), PartitionSpec(steps.AXIS))
+
+  def place(self, batch):
+    """A host batch onto the devices, its rows split as the mapped steps take them (the copy
+    is asynchronous)."""
+    return jax.device_put(self._shard(batch), self._rows)
 
   def train(self, state, batch, slope: float, reset: bool):
-    """One training step; returns the new state and the first device's metrics (on device)."""
-    state, metrics = self._train(state, self._shard(batch), np.float32(slope), reset)
+    """One training step on a host batch; returns the new state and the first device's
+    metrics (on device)."""
+    return self.train_placed(state, self.place(batch), slope, reset)
+
+  def train_placed(self, state, placed, slope: float, reset: bool):
+    """:meth:`train` on a batch already on the devices (:meth:`place`)."""
+    state, metrics = self._train(state, placed, np.float32(slope), reset)
     return state, first(metrics)
 
   def probe(self, state, batch, slope: float, reset: bool):

@@ -52,7 +52,7 @@ from hmlstm_jax.training.workdir import open_workdir
 say = metrics.say
 
 
-class _Signals:
+class Signals:
   """SIGTERM / SIGINT → a stop request that the loop honours after the current step; while
   ``urgent`` (the final report) they raise :class:`Preempted` at once. Main thread only."""
 
@@ -143,7 +143,7 @@ class Run:
 
   # ----------------------------------------------------------------------- the loop
 
-  def train(self, signals: _Signals, writer: metrics.Writer, max_steps: int | None = None) -> str:
+  def train(self, signals: Signals, writer: metrics.Writer, max_steps: int | None = None) -> str:
     """Trains to ``total_steps`` (or ``max_steps`` more, or a stop request); returns
     ``'done'`` or ``'preempted'`` (with a checkpoint of the step reached)."""
     c = self.config
@@ -281,7 +281,7 @@ class Run:
       host_state, best_meta = self.ckpt.restore(best, self.template)
     except Exception as err:
       raise RunError(f"the best checkpoint (step {best}) in {self.ckpt.directory} cannot be read "
-                     f"({checkpoints._first_line(err)})") from None
+                     f"({checkpoints.first_line(err)})") from None
     params = self.mapped.replicate(host_state.params)
     slope = float(best_meta["slope"])
     results = {split: self.evaluate(split, params, slope) for split in ("validation", "test")}
@@ -327,7 +327,7 @@ def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | No
   config = experiment.config.train
   devices = parallel.local_devices(config.num_devices)
   config.check_devices(len(devices))
-  with open_workdir(workdir, experiment.config) as wd, _Signals() as signals:
+  with open_workdir(workdir, experiment.config) as wd, Signals() as signals:
     run = Run(experiment, wd, devices)
     writer = None
     try:
