@@ -36,6 +36,7 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def first_line(err: BaseException) -> str:
+  """An error as one short line (type and first line of its message), for one-line reports."""
   text = str(err).strip().splitlines()
   return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
