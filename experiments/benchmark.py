@@ -377,14 +377,14 @@ def time_trainer_loop(shape: Shape, rounds: int = 3, round_steps: int = 10, log_
   if round_steps % log_every:
     raise ValueError(f"round_steps ({round_steps}) must be a multiple of log_every ({log_every})")
   config = loop_config(shape, (rounds + 1) * round_steps + 1, log_every, layer_norm, dtype)
-  devices = parallel.local_devices(None)
+  devices = parallel.mesh_devices(None)
   config.train.check_devices(len(devices))
   with tempfile.TemporaryDirectory() as tmp, \
       open_workdir(os.path.join(tmp, "run"), config) as workdir, trainer.Signals() as signals:
     run = trainer.Run(charlm.CharLM(config), workdir, devices)
     run.restore()
     clock = _ProgressClock()
-    bare_state = parallel.to_devices(run.template, devices)
+    bare_state = run.mapped.put_state(run.template)
     placed = run.mapped.place(run.data.train[1])
     slope = config.train.slope(0.0)
 

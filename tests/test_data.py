@@ -63,16 +63,13 @@ def test_batch_k_plus_1_continues_batch_k():
     b[35]
 
 
-def test_rows_are_divided_over_hosts_and_devices():
+def test_rows_are_divided_over_hosts():
   tokens = np.arange(801)
   full = data.StreamBatcher(tokens, 8, 10)
   host1 = data.StreamBatcher(tokens, 8, 10, process_index=1, process_count=2)
   np.testing.assert_array_equal(host1[3].inputs, full[3].inputs[4:])
-  per_device = data.split_over_devices(full[0].inputs, 4)
-  assert per_device.shape == (4, 2, 10)
-  np.testing.assert_array_equal(per_device[1], full[0].inputs[2:4])
-  with pytest.raises(ValueError, match="cannot be split evenly over 3 devices"):
-    data.split_over_devices(full[0].inputs, 3)
+  with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
+    data.StreamBatcher(tokens, 8, 10, process_index=0, process_count=3)
 
 
 def test_segment_longer_than_split_is_a_clear_error():

@@ -1,7 +1,6 @@
 """Data for the character-level experiments: corpora, vocabularies, truncated-BPTT batching."""
 from hmlstm_jax.data.batching import Segment
 from hmlstm_jax.data.batching import StreamBatcher
-from hmlstm_jax.data.batching import split_over_devices
 from hmlstm_jax.data.corpus import Corpus
 from hmlstm_jax.data.corpus import Vocabulary
 
@@ -24,4 +23,4 @@ def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = Non
   return corpora.load_corpus(name, data_dir=data_dir, manual_dir=manual_dir)
 
 
-__all__ = ["Corpus", "DATASETS", "Segment", "StreamBatcher", "Vocabulary", "load", "split_over_devices"]
+__all__ = ["Corpus", "DATASETS", "Segment", "StreamBatcher", "Vocabulary", "load"]

@@ -72,10 +72,3 @@ class StreamBatcher:
 
   def __iter__(self) -> Iterator[Segment]:
     return (self[k] for k in range(self.num_segments))
-
-
-def split_over_devices(array: np.ndarray, num_devices: int) -> np.ndarray:
-  """(rows, ...) → (devices, rows / devices, ...): device d gets a contiguous block of rows."""
-  if array.shape[0] % num_devices:
-    raise ValueError(f"{array.shape[0]} rows cannot be split evenly over {num_devices} devices")
-  return array.reshape(num_devices, array.shape[0] // num_devices, *array.shape[1:])

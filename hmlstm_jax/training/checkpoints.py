@@ -14,6 +14,11 @@ kill at any moment leaves the latest checkpoint and the best it names on disk.
 Resuming takes the newest checkpoint that can be read. Newer ones that cannot (truncated or
 garbled files) are moved to ``<workdir>/checkpoints_unreadable/`` with a warning that names
 them; if none can be read the run stops with one line.
+
+The state is saved and restored as global arrays: with several processes each writes and
+reads its own shards (Orbax coordinates them; process 0 writes the JSON record), and a
+checkpoint restores onto whatever mesh the template's shardings describe. The processes agree
+on which checkpoint is readable; process 0 moves the unreadable ones.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Callable, Iterator
 import orbax.checkpoint as ocp
 
 from hmlstm_jax import files
+from hmlstm_jax.training import distributed
 from hmlstm_jax.training.errors import RunError
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -96,7 +102,7 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` (host arrays) and ``meta`` (JSON-able, with ``best_step``) at ``step``,
+    """Saves ``state`` (global arrays) and ``meta`` (JSON-able, with ``best_step``) at ``step``,
     then deletes the checkpoints that are neither among the latest ``keep`` nor the best."""
     try:
       with _quiet_threads() as records:
@@ -118,7 +124,8 @@ class Checkpointer:
         self.manager.delete(s)
 
   def _remove_temporaries(self) -> None:
-    if files.is_remote(self.directory) or not os.path.isdir(self.directory):
+    if (not distributed.is_primary() or files.is_remote(self.directory)
+        or not os.path.isdir(self.directory)):
       return
     for name in os.listdir(self.directory):
       if _TMP_MARK in name:
@@ -126,7 +133,7 @@ class Checkpointer:
     self.manager.reload()
 
   def restore(self, step: int, template: Any) -> tuple[Any, dict]:
-    """Checkpoint ``step``, shaped like ``template``."""
+    """Checkpoint ``step`` onto ``template`` (shapes, dtypes and shardings)."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
@@ -142,8 +149,11 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         state, meta = self.restore(step, template)
+        error = None
       except Exception as err:  # truncated or garbled files: Orbax raises many types
-        failures.append((step, err))
+        error = err
+      if distributed.any_process(error is not None):  # unreadable for one is unreadable for all
+        failures.append((step, error or RuntimeError("unreadable on another process")))
         continue
       for bad, err in failures:
         moved = self._move_aside(bad)
@@ -159,12 +169,13 @@ class Checkpointer:
   def _move_aside(self, step: int) -> str:
     source = os.path.join(self.directory, str(step))
     target = os.path.join(self.unreadable_dir, f"{step}-{int(time.time())}")
-    if files.is_remote(source):
+    if distributed.is_primary() and files.is_remote(source):
       from etils import epath
       epath.Path(source).rename(target)
-    else:
+    elif distributed.is_primary():
       os.makedirs(self.unreadable_dir, exist_ok=True)
       os.replace(source, target)
+    distributed.barrier(f"moved checkpoint {step}")
     self.manager.reload()
     return target
 

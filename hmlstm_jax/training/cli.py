@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from hmlstm_jax import settings
+from hmlstm_jax.training import distributed
 from hmlstm_jax.training.errors import Preempted
 from hmlstm_jax.training.errors import RunError
 from hmlstm_jax.training.trainer import train_and_evaluate
@@ -57,6 +58,7 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
   ``make_experiment(config)``. ``default_workdir(config, flagfile_stem)`` names the workdir
   when ``--workdir`` is not given."""
   settings.define_flags(config_cls)
+  distributed.define_flags()
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, "
                       "config.json, results.json and figures; a run in an existing workdir "
                       "resumes. Default: workdirs/<name of the last flagfile>.")
@@ -67,8 +69,12 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 for library INFO
+    f = flags.FLAGS
     try:
       config = settings.from_flags(config_cls)
+      launch = distributed.settings_from(f.distributed, f.coordinator_address, f.num_processes,
+                                         f.process_id)
+      distributed.initialize(launch, f.heartbeat_timeout)
     except ValueError as err:
       _exit(1, f"{name}: bad flags: {err}")
     workdir = flags.FLAGS.workdir or default_workdir(config, stem)

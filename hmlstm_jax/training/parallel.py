@@ -1,115 +1,152 @@
-"""The one place that knows about devices: mapping the per-device steps, placing data.
+"""The one place that knows about devices and hosts: the mesh, the mapped steps, placing data.
 
-The steps of :mod:`.steps` are written for one device with the axis name ``steps.AXIS``;
-here they are ``pmap``-ed over the local devices in use, and rows are split into contiguous
-blocks, one per device. Experiments never see devices: running over the devices of many
-hosts (or with ``shard_map``) is a change to this module only.
+The per-device steps of :mod:`.steps` are written with the axis name ``steps.AXIS``. Here they
+are mapped with ``jax.shard_map`` over a one-axis ``Mesh`` of the devices in use on every
+process (the first ``num_devices`` of each, processes in order) and compiled with ``jax.jit``.
+The state lives as global ``jax.Array``s: everything replicated except the carried state,
+whose rows are split over the devices; a batch's rows likewise. Process p supplies its own
+rows, which are rows [p·B/P, (p+1)·B/P) of the global batch (device d of the mesh holds a
+contiguous block of them), so global row r is the same stream whatever the number of
+processes and devices: a checkpoint (which Orbax writes from the global arrays, each process
+its own shards) resumes on any topology with the same global batch.
+
+Why ``shard_map`` over a global mesh rather than ``pmap``: since JAX 0.8 ``pmap`` is itself
+built on ``jit`` and ``shard_map`` and is in maintenance mode; a global mesh gives arrays that
+span every host, which Orbax checkpoints directly (no gathering by hand) and which restore onto
+another mesh. Measured on one CPU device, the trainer's loop runs at the bare step's speed
+(``python -m experiments.benchmark --mode=loop``). Experiments never see any of this.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
-import flax.jax_utils
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+import jax.numpy as jnp
 import numpy as np
 
-from hmlstm_jax.data import batching
 from hmlstm_jax.training import steps
 
-
-def local_devices(num_devices: int | None) -> list:
-  """The first ``num_devices`` local devices (all when ``None``)."""
-  devices = jax.local_devices()
-  if num_devices is None:
-    return devices
-  if not 1 <= num_devices <= len(devices):
-    raise ValueError(f"num_devices={num_devices}, but this host has {len(devices)} devices")
-  return devices[:num_devices]
+P = PartitionSpec
 
 
-def replicate(tree, devices):
-  """Copies a pytree onto every device (leading axis = device)."""
-  return flax.jax_utils.replicate(tree, devices=devices)
+def mesh_devices(num_devices: int | None) -> list:
+  """The first ``num_devices`` devices of every process (all when ``None``), processes in
+  order: the devices of the mesh."""
+  local = len(jax.local_devices())
+  if num_devices is not None and not 1 <= num_devices <= local:
+    raise ValueError(f"num_devices={num_devices}, but this host has {local} devices")
+  per_process: dict[int, list] = {}
+  for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+    per_process.setdefault(d.process_index, []).append(d)
+  n = num_devices or local
+  return [d for p in sorted(per_process) for d in per_process[p][:n]]
 
 
-def unreplicate(tree):
-  """The first device's copy, on the host."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
-
-
-def first(tree):
-  """The first device's copy, still on the device (no transfer, no wait)."""
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
-
-
-def shard_rows(tree, num_devices: int):
-  """Splits each (rows, ...) leaf into (devices, rows / devices, ...): device d gets a
-  contiguous block of rows. The mapped steps move the blocks onto their devices."""
-  return jax.tree_util.tree_map(lambda x: batching.split_over_devices(np.asarray(x), num_devices), tree)
-
-
-def gather_rows(tree):
-  """Inverse of :func:`shard_rows`: (devices, rows/device, ...) → (rows, ...) on the host."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
-
-
-def to_devices(host_state: steps.TrainState, devices) -> steps.TrainState:
-  """A host :class:`~.steps.TrainState` onto the devices: all replicated, the carry's rows split."""
-  replicated = replicate(host_state.replace(carry=()), devices)
-  return replicated.replace(carry=shard_rows(host_state.carry, len(devices)))
-
-
-def to_host(state: steps.TrainState) -> steps.TrainState:
-  """Inverse of :func:`to_devices` (the replicas are equal: the first is taken)."""
-  host = unreplicate(state.replace(carry=()))
-  return host.replace(carry=gather_rows(state.carry))
+# How a TrainState lies on the mesh: everything replicated but the carry, whose rows are split.
+STATE_SPECS = steps.TrainState(step=P(), params=P(), opt_state=P(), carry=P(steps.AXIS),
+                               plateau=P(), key=P())
 
 
 class MappedSteps:
-  """The experiment's steps mapped over ``devices``; every argument is host data or a
-  mapped state, every result stays on the devices until read."""
+  """The experiment's steps mapped over the mesh of ``devices``. Arguments are global arrays
+  (from :meth:`put_state`, :meth:`place`, :meth:`replicate`) or host batches; results stay
+  on the devices until read."""
 
   def __init__(self, experiment, optimizer, devices):
-    self.devices = devices
-    n = len(devices)
-    self._train = jax.pmap(
+    self.devices = list(devices)
+    self.mesh = Mesh(np.asarray(self.devices), (steps.AXIS,))
+    self._replicated = NamedSharding(self.mesh, P())
+    self._rows = NamedSharding(self.mesh, P(steps.AXIS))
+    self._processes = len({d.process_index for d in self.devices})
+    state, rows = STATE_SPECS, P(steps.AXIS)
+
+    def mapped(fn, in_specs, out_specs, **jit_kwargs):
+      # check_vma=False: the steps are written per device, as for pmap (a replicated input's
+      # gradient is this device's; the step averages it over AXIS itself), and the HM-LSTM's
+      # custom backward returns plain per-device cotangents.
+      return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                                   check_vma=False), **jit_kwargs)
+
+    self._train = mapped(
         functools.partial(steps.train_step, experiment=experiment, optimizer=optimizer),
-        axis_name=steps.AXIS, in_axes=(0, 0, None, None), devices=devices, donate_argnums=(0,))
-    self._probe = jax.pmap(functools.partial(steps.probe_step, experiment=experiment),
-                           axis_name=steps.AXIS, in_axes=(0, 0, None, None), devices=devices)
-    self._eval = jax.pmap(functools.partial(steps.eval_step, experiment=experiment),
-                          axis_name=steps.AXIS, in_axes=(0, 0, 0, None), devices=devices)
-    self._shard = lambda tree: shard_rows(tree, n)
-    self._rows = NamedSharding(Mesh(np.asarray(devices), (steps.AXIS,)), PartitionSpec(steps.AXIS))
+        (state, rows, P(), P()), (state, P()), donate_argnums=(0,))
+    self._probe = mapped(functools.partial(steps.probe_step, experiment=experiment),
+                         (state, rows, P(), P()), P())
+    self._eval = mapped(functools.partial(steps.eval_step, experiment=experiment),
+                        (P(), rows, rows, P()), (rows, P()))
+    self._finite = jax.jit(_all_finite, out_shardings=self._replicated)
+
+  # ----------------------------------------------------------------------- placing
 
   def place(self, batch):
-    """A host batch onto the devices, its rows split as the mapped steps take them (the copy
-    is asynchronous)."""
-    return jax.device_put(self._shard(batch), self._rows)
+    """This process's rows of a batch → global arrays, rows split over the devices (the
+    copies are asynchronous)."""
+    local = len(self.devices) // self._processes
+
+    def put(x):
+      x = np.asarray(x)
+      if x.shape[0] % local:
+        raise ValueError(f"{x.shape[0]} rows cannot be split evenly over this host's {local} "
+                         "devices")
+      return jax.make_array_from_process_local_data(
+          self._rows, x, (x.shape[0] * self._processes,) + x.shape[1:])
+    return jax.tree_util.tree_map(put, batch)
+
+  def replicate(self, tree):
+    """A host pytree, equal on every process → global arrays replicated on every device."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree)
+
+  def put_state(self, host_state: steps.TrainState) -> steps.TrainState:
+    """A host :class:`~.steps.TrainState` (this process's rows of the carry) onto the mesh."""
+    return self.replicate(host_state.replace(carry=())).replace(carry=self.place(host_state.carry))
+
+  @staticmethod
+  def abstract(state):
+    """Shapes, dtypes and shardings of a global state: what a checkpoint is restored onto."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+  @staticmethod
+  def local_copy(tree):
+    """Replicated global arrays → this process's copy, as arrays on one of its devices."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
+
+  @staticmethod
+  def fetch(tree):
+    """Replicated global arrays → host arrays (this process's copy; no communication)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+  def all_finite(self, tree) -> bool:
+    """Whether every floating-point element of a global pytree is finite (the same answer on
+    every process)."""
+    return bool(self.fetch(self._finite(tree)))
+
+  # ----------------------------------------------------------------------- steps
 
   def train(self, state, batch, slope: float, reset: bool):
-    """One training step on a host batch; returns the new state and the first device's
-    metrics (on device)."""
+    """One training step on this process's rows of a batch; returns the new state and the
+    metrics averaged over every device (on the devices)."""
     return self.train_placed(state, self.place(batch), slope, reset)
 
   def train_placed(self, state, placed, slope: float, reset: bool):
-    """:meth:`train` on a batch already on the devices (:meth:`place`)."""
-    state, metrics = self._train(state, placed, np.float32(slope), reset)
-    return state, first(metrics)
+    """:meth:`train` on a batch already on the mesh (:meth:`place`)."""
+    return self._train(state, placed, np.float32(slope), np.bool_(reset))
 
   def probe(self, state, batch, slope: float, reset: bool):
-    return first(self._probe(state, self._shard(batch), np.float32(slope), reset))
-
-  def eval_carry(self, carry):
-    return self._shard(carry)
-
-  def replicate(self, tree):
-    return replicate(tree, self.devices)
+    """The loss the next train step would compute (:func:`.steps.probe_step`), on the devices."""
+    return self._probe(state, self.place(batch), np.float32(slope), np.bool_(reset))
 
   def eval(self, params, carry, batch, slope: float):
-    """One evaluation batch; returns the carry and the sums over devices (on device)."""
-    carry, sums = self._eval(params, carry, self._shard(batch), np.float32(slope))
-    return carry, first(sums)
+    """One evaluation batch; returns the carry and the sums over every device (on device)."""
+    return self._eval(params, carry, self.place(batch), np.float32(slope))
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -20,9 +20,13 @@ What the trainer guarantees, whatever happens to the process:
   finite. A non-finite value stops the run with :class:`.errors.NonFiniteError`, naming the
   step; the last good checkpoint is left as it was.
 * A checkpoint names the best step so far, which is kept on disk (:mod:`.checkpoints`).
-* SIGTERM or SIGINT during training: a checkpoint at the next step, status ``'preempted'``;
+* SIGTERM or SIGINT during training: a checkpoint at the next step (with several processes:
+  at the next progress line, where the processes agree to stop), status ``'preempted'``;
   during the final report: :class:`.errors.Preempted` at once (the report is redone when run
   again; its files are written atomically).
+* With several processes (:mod:`.distributed`) every decision (log, validate, save, stop) is
+  taken on every process from values they share, so they stay in step; process 0 alone
+  prints, writes TensorBoard, ``results.json`` and the experiment's report.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import jax
 import numpy as np
 
 from hmlstm_jax.training import checkpoints
+from hmlstm_jax.training import distributed
 from hmlstm_jax.training import metrics
 from hmlstm_jax.training import parallel
 from hmlstm_jax.training import steps
@@ -83,14 +88,9 @@ class Signals:
       signal.signal(sig, handler)
 
 
-def _all_finite(tree) -> bool:
-  return all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.inexact))
-
-
 def _sum_float64(sums: list) -> Any:
   """Per-batch sums (read back together) added up in float64."""
-  host = jax.device_get(sums)
+  host = parallel.MappedSteps.fetch(sums)
   return jax.tree_util.tree_map(lambda *xs: np.sum(np.asarray(xs, np.float64), axis=0), *host)
 
 
@@ -116,6 +116,8 @@ class Run:
     self.ckpt = checkpoints.Checkpointer(workdir.path, self.config.keep_checkpoints)
     self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
                                      self.plateau, rows=self.config.batch_size // self.hosts.count)
+    self.initial = self.mapped.put_state(self.template)
+    self.abstract = self.mapped.abstract(self.initial)  # what checkpoints are restored onto
     self.losses: list[float] = []   # this call's per-step training losses, read back
     self._pending: list = []        # metrics of steps not yet read back (on the devices)
     self._saved_step = None
@@ -124,22 +126,22 @@ class Run:
 
   def restore(self) -> None:
     """The newest readable checkpoint, or the initial state."""
-    host_state = self.template
+    state = self.initial
     self.meta = {"best_step": None, "best": None, "history": [],
                  "steps_per_epoch": self.steps_per_epoch}
-    restored = self.ckpt.restore_latest(self.template, warn=say)
+    restored = self.ckpt.restore_latest(self.abstract, warn=say)
     if restored is not None:
-      host_state, self.meta = restored
+      state, self.meta = restored
       if self.meta["steps_per_epoch"] != self.steps_per_epoch:
         raise RunError(
             f"the checkpoints in {self.workdir.path} were made with {self.meta['steps_per_epoch']} "
             f"batches per epoch, this data and batch size give {self.steps_per_epoch}: use the "
             "run's own data, or another --workdir")
-      say(f"resumed from {self.workdir.path} at step {int(host_state.step)}")
-      self._saved_step = int(host_state.step)
-    self.host_plateau = host_state.plateau
-    self.state = parallel.to_devices(host_state, self.devices)
-    self.step = int(host_state.step)
+      self._saved_step = int(self.mapped.fetch(state.step))
+      say(f"resumed from {self.workdir.path} at step {self._saved_step}")
+    self.host_plateau = self.mapped.fetch(state.plateau)
+    self.state = state
+    self.step = int(self.mapped.fetch(state.step))
 
   # ----------------------------------------------------------------------- the loop
 
@@ -147,8 +149,9 @@ class Run:
     """Trains to ``total_steps`` (or ``max_steps`` more, or a stop request); returns
     ``'done'`` or ``'preempted'`` (with a checkpoint of the step reached)."""
     c = self.config
+    processes = f" on {self.hosts.count} processes" if self.hosts.count > 1 else ""
     say(f"training {self.data.description}, {self.total_steps} steps, {len(self.devices)} "
-        f"device(s); workdir {self.workdir.path}")
+        f"device(s){processes}; workdir {self.workdir.path}")
     start, t_log, step_log = self.step, time.time(), self.step
     while self.step < self.total_steps:
       position = self.step % self.steps_per_epoch
@@ -158,14 +161,19 @@ class Run:
       self._pending.append(out)
       self.step += 1
       last = self.step == self.total_steps
-      if self.step % c.log_every == 0 or last:
+      logged = self.step % c.log_every == 0 or last
+      if logged:
         t_log, step_log = self._log(writer, slope, t_log, step_log)
       improved = False
       if self.step % c.eval_every == 0 or last:
         improved = self.validate(writer, slope)
       if improved or self.step % c.checkpoint_every == 0 or last:
         self.save()
-      if signals.requested or (max_steps is not None and self.step - start >= max_steps):
+      if self.hosts.count == 1:
+        stop = signals.requested
+      else:  # the processes agree (one collective) where they read metrics back anyway
+        stop = logged and distributed.any_process(signals.requested)
+      if stop or (max_steps is not None and self.step - start >= max_steps):
         if not last:
           self.save()
           say(f"stopped at step {self.step} with a checkpoint in {self.workdir.path}; "
@@ -177,7 +185,7 @@ class Run:
     """Reads back the metrics of the steps since the last read; stops on a non-finite one."""
     if not self._pending:
       return []
-    values = jax.device_get(self._pending)
+    values = self.mapped.fetch(self._pending)
     first = self.step - len(values) + 1
     self._pending = []
     for i, m in enumerate(values):
@@ -219,7 +227,7 @@ class Run:
   def evaluate(self, split: str, params, slope: float, max_batches: int | None = None) -> dict:
     """The experiment's result over ``split`` (carry through the split; sums in float64)."""
     batches = self.data.evals[split]
-    carry = self.mapped.eval_carry(
+    carry = self.mapped.place(
         self.experiment.init_carry(self.config.eval_batch_size // self.hosts.count))
     sums = []
     for k in range(min(len(batches), max_batches or len(batches))):
@@ -253,18 +261,18 @@ class Run:
     if self._saved_step == self.step:
       return
     self.read_metrics()
-    host = parallel.to_host(self.state)
-    if not _all_finite((host.params, host.opt_state, host.carry)):  # the plateau starts at inf
+    if not self.mapped.all_finite((self.state.params, self.state.opt_state, self.state.carry)):
+      # (not the plateau state: it starts at inf)
       raise NonFiniteError(f"non-finite parameters or optimiser state after step {self.step}; "
                            f"{self._last_good()}. Lower --learning_rate.")
     position = self.step % self.steps_per_epoch
     slope = self.config.slope(self.step / self.steps_per_epoch)
-    probe = float(self.mapped.probe(self.state, self.data.train[position], slope, position == 0))
+    probe = float(self.mapped.fetch(self.mapped.probe(self.state, self.data.train[position], slope, position == 0)))
     if not math.isfinite(probe):
       raise NonFiniteError(
           f"the parameters after step {self.step} give a non-finite loss ({probe}) on the next "
           f"batch; {self._last_good()}. Lower --learning_rate.")
-    self.ckpt.save(self.step, host, dict(
+    self.ckpt.save(self.step, self.state, dict(
         self.meta, step=self.step, epoch=self.step / self.steps_per_epoch, position=position,
         slope=slope))
     self._saved_step = self.step
@@ -278,20 +286,22 @@ class Run:
       raise RunError(f"the checkpoints in {self.ckpt.directory} name no best step; run again")
     say(f"final report: the best checkpoint (step {best}) on validation and test")
     try:
-      host_state, best_meta = self.ckpt.restore(best, self.template)
+      best_state, best_meta = self.ckpt.restore(best, self.abstract)
     except Exception as err:
       raise RunError(f"the best checkpoint (step {best}) in {self.ckpt.directory} cannot be read "
                      f"({checkpoints.first_line(err)})") from None
-    params = self.mapped.replicate(host_state.params)
+    params = best_state.params
     slope = float(best_meta["slope"])
     results = {split: self.evaluate(split, params, slope) for split in ("validation", "test")}
     lines = [f"best checkpoint: step {best} (slope {slope:.2f})"]
     for split in ("validation", "test"):
       lines += self.experiment.summary_lines(split, results[split])
     out = {"valid": results["validation"], "test": results["test"], "best_step": best}
-    extra, extra_lines = self.experiment.report(host_state.params, slope, self.workdir.path)
-    out.update(extra)
-    lines += list(extra_lines)
+    if distributed.is_primary():  # figures and samples: one process's work and files
+      extra, extra_lines = self.experiment.report(self.mapped.local_copy(params), slope,
+                                                  self.workdir.path)
+      out.update(extra)
+      lines += list(extra_lines)
     say("\n".join(lines))
     self.workdir.write("results.json", json.dumps(out, indent=1))
     out["report"] = "\n".join(lines)
@@ -320,12 +330,8 @@ def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | No
       checkpoint is left as it was.
     Preempted: a stop request during the final report.
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError(
-        "multi-host training is not implemented yet: the steps are pmapped over this host's "
-        "devices only; run one process per job")
   config = experiment.config.train
-  devices = parallel.local_devices(config.num_devices)
+  devices = parallel.mesh_devices(config.num_devices)
   config.check_devices(len(devices))
   with open_workdir(workdir, experiment.config) as wd, Signals() as signals:
     run = Run(experiment, wd, devices)

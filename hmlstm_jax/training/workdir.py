@@ -11,6 +11,10 @@
   touched.
 
 If the run fails before it has written anything, a workdir that it created is removed again.
+
+With several processes, process 0 creates, locks and writes the workdir; the others wait
+for it, then check the configuration themselves (they read what every process reads: the
+workdir must be on storage that every host sees, such as ``gs://`` or a shared file system).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import Any, Iterator
 
 from hmlstm_jax import files
 from hmlstm_jax import settings
+from hmlstm_jax.training import distributed
 from hmlstm_jax.training.errors import RunError
 
 CONFIG = "config.json"
@@ -38,14 +43,16 @@ class Workdir:
     self.config = config
     self._lock = None
     self._created = False
+    self.primary = distributed.is_primary()
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
   def write(self, name: str, data: str | bytes) -> str:
-    """Writes ``<workdir>/name`` atomically; returns its path."""
+    """Writes ``<workdir>/name`` atomically (process 0 only); returns its path."""
     path = self.file(name)
-    files.write_atomically(path, data)
+    if self.primary:
+      files.write_atomically(path, data)
     return path
 
   def read_config(self) -> dict | None:
@@ -108,7 +115,7 @@ class Workdir:
     if self._lock is not None:
       self._lock.close()
       self._lock = None
-    if failed and self._created and set(os.listdir(self.path)) <= {LOCK}:
+    if failed and self._created and self.primary and set(os.listdir(self.path)) <= {LOCK}:
       shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -118,8 +125,13 @@ def open_workdir(path: str, config: Any) -> Iterator[Workdir]:
   workdir = Workdir(path, config)
   failed = True
   try:
-    if not files.is_remote(workdir.path):
+    if workdir.primary and not files.is_remote(workdir.path):
       workdir._open_local()
+    distributed.barrier("workdir open")
+    if not workdir.primary and not files.is_remote(workdir.path) and not os.path.isdir(workdir.path):
+      raise RunError(f"--workdir {workdir.path} does not exist on this host although process 0 "
+                     "created it: a multi-process run needs a workdir every host sees (gs://, "
+                     "a shared file system)")
     workdir.check_config()
     yield workdir
     failed = False

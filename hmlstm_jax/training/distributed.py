@@ -1,0 +1,110 @@
+"""Runs of several processes (hosts): starting JAX's distributed runtime, and what the
+processes must agree on.
+
+A run is multi-process when ``--coordinator_address`` (or ``JAX_COORDINATOR_ADDRESS``) is set,
+under a SLURM job step of several tasks, or with ``--distributed=on`` (Cloud TPU slices: JAX
+finds the coordinator, the process count and this process's id from the TPU metadata).
+Every process runs the same binary with the same flags; process 0 hosts the coordinator,
+prints progress and writes TensorBoard, ``config.json``, ``results.json`` and figures; every
+process writes its own shards of each checkpoint (Orbax).
+
+A process that dies stops the others: JAX's coordination service notices the missing
+heartbeats within ``--heartbeat_timeout`` seconds (60 by default) and ends every other process
+with a message ("the JAX distributed service detected fatal errors ... another task died")
+and a non-zero status (SIGABRT, 134). When process 0 (the coordinator) dies, the others stop
+within seconds.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import flags
+import jax
+import numpy as np
+
+MODES = ("auto", "on", "off")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags of a multi-process run (they describe the launch, not the run: they are not
+  saved with it, and a run may resume on another number of processes)."""
+  flags.DEFINE_enum(
+      "distributed", "auto", MODES,
+      "auto: multi-process when a coordinator address is given or under a SLURM step of several "
+      "tasks; on: always (Cloud TPU slices: JAX finds every setting itself); off: one process.",
+      flag_values=flag_values)
+  flags.DEFINE_string(
+      "coordinator_address", None,
+      "host:port of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS).",
+      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 "
+                       "(default $JAX_PROCESS_ID).", flag_values=flag_values)
+  flags.DEFINE_integer(
+      "heartbeat_timeout", 60,
+      "Seconds without a heartbeat after which a process counts as dead and the others stop.",
+      flag_values=flag_values)
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"${name}={value!r} is not an integer") from None
+
+
+def settings_from(mode: str, coordinator_address: str | None, num_processes: int | None,
+                  process_id: int | None, environ=os.environ) -> dict | None:
+  """The keyword arguments of ``jax.distributed.initialize`` for these flags and this
+  environment, or None for a single-process run. Raises ValueError for an incomplete set."""
+  if mode not in MODES:
+    raise ValueError(f"distributed must be one of {MODES}, got {mode!r}")
+  address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+  count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  slurm = int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ
+  if mode == "off" or (mode == "auto" and not (address or slurm)):
+    return None
+  if address and (count is None or index is None) and not slurm:
+    raise ValueError(
+        f"a coordinator address ({address}) needs --num_processes and --process_id (or "
+        "$JAX_NUM_PROCESSES and $JAX_PROCESS_ID)")
+  if count is not None and count < 1:
+    raise ValueError(f"num_processes must be at least 1, got {count}")
+  if count is not None and index is not None and not 0 <= index < count:
+    raise ValueError(f"process_id must be in [0, {count}), got {index}")
+  return {"coordinator_address": address, "num_processes": count, "process_id": index}
+
+
+def initialize(settings: dict | None, heartbeat_timeout: int = 60) -> None:
+  """Starts JAX's distributed runtime (before anything else uses JAX); a no-op for None."""
+  if settings is None:
+    return
+  if heartbeat_timeout < 1:
+    raise ValueError(f"heartbeat_timeout must be at least 1 second, got {heartbeat_timeout}")
+  jax.distributed.initialize(**{k: v for k, v in settings.items() if v is not None},
+                             heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def is_primary() -> bool:
+  """Process 0: the one that prints and writes the run's own files."""
+  return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is true on any (one collective; cheap but blocking)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag)))).any())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier ``name``."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
