@@ -58,7 +58,7 @@ while [[ ${#running[@]} -gt 0 ]]; do
   finished=""
   code=0
   wait -n -p finished "${running[@]}" || code=$?
-  [[ -n "$finished" ]] || continue  # a trapped signal interrupted the wait
+  [[ -n "${finished:-}" ]] || continue  # a trapped signal interrupted the wait
   still=()
   for pid in "${running[@]}"; do [[ "$pid" == "$finished" ]] || still+=("$pid"); done
   running=("${still[@]+"${still[@]}"}")

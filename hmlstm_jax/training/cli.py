@@ -16,6 +16,7 @@ from typing import Callable
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from hmlstm_jax import settings
 from hmlstm_jax.training import distributed
@@ -80,8 +81,13 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
     workdir = flags.FLAGS.workdir or default_workdir(config, stem)
     try:
       result = train_and_evaluate(make_experiment(config), workdir)
-    except (RunError, ValueError, OSError) as err:  # settings, data, disk: one line, no traceback
-      _exit(1, f"{name}: {err}")
+    except (RunError, ValueError, OSError, jax.errors.JaxRuntimeError) as err:
+      lost = distributed.lost_peer(err)  # a collective broke: another process died
+      if lost:
+        _exit(1, f"{name}: {lost}")
+      if isinstance(err, jax.errors.JaxRuntimeError):
+        raise
+      _exit(1, f"{name}: {err}")  # settings, data, disk: one line, no traceback
     except Preempted as err:
       _exit(EXIT_PREEMPTED, f"{name}: stopped ({err}); training is complete and checkpointed in "
             f"{workdir}: run again to write the report")

@@ -47,8 +47,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=flag_values)
 
 
-def _env_int(name: str) -> int | None:
-  value = os.environ.get(name)
+def _env_int(environ, name: str) -> int | None:
+  value = environ.get(name)
   if value is None or value == "":
     return None
   try:
@@ -64,8 +64,8 @@ def settings_from(mode: str, coordinator_address: str | None, num_processes: int
   if mode not in MODES:
     raise ValueError(f"distributed must be one of {MODES}, got {mode!r}")
   address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
-  count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
-  index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  count = num_processes if num_processes is not None else _env_int(environ, "JAX_NUM_PROCESSES")
+  index = process_id if process_id is not None else _env_int(environ, "JAX_PROCESS_ID")
   slurm = int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ
   if mode == "off" or (mode == "auto" and not (address or slurm)):
     return None
@@ -101,6 +101,22 @@ def any_process(flag: bool) -> bool:
     return bool(flag)
   from jax.experimental import multihost_utils
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag)))).any())
+
+
+# What JAX's collectives say when a peer's connection is gone (Gloo on CPU, gRPC otherwise).
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Gloo", "UNAVAILABLE",
+              "DEADLINE_EXCEEDED", "Socket closed")
+
+
+def lost_peer(err: BaseException) -> str | None:
+  """For an error of a multi-process run that comes from a broken collective, a line saying
+  so (the cause is another process's death; its log says why); otherwise None."""
+  text = str(err)
+  if jax.process_count() == 1 or not any(mark in text for mark in _LOST_PEER):
+    return None
+  first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+  return (f"process {jax.process_index()}: an operation across the processes failed, most likely "
+          f"because another process of the run stopped or died; see its log ({first})")
 
 
 def barrier(name: str) -> None:
