@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cloud TPU: one command per stage, in the order you type them.
 #
-#   export PROJECT=my-project ZONE=us-central2-b BUCKET=my-bucket TPU_NAME=hm ACCELERATOR=v4-32
+#   export PROJECT=my-project ZONE=us-central2-b BUCKET=my-bucket TPU_NAME=hm ACCELERATOR=v4-8
 #   launch/tpu.sh create                        # the slice (SPOT=1: spot capacity; QUEUED=1: queued resource)
 #   launch/tpu.sh setup                         # every worker: this commit, Python 3.11, hmlstm_jax[tpu]
 #   launch/tpu.sh prepare text8                 # once: the dataset into gs://BUCKET/tensorflow_datasets
@@ -25,7 +25,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PROJECT=${PROJECT:-}                       # Google Cloud project (required)
 ZONE=${ZONE:-}                             # zone with TPU capacity, e.g. us-central2-b (required)
 TPU_NAME=${TPU_NAME:-hmlstm}               # the slice's name
-ACCELERATOR=${ACCELERATOR:-v4-32}          # slice type: v4-32 = 16 chips on 4 hosts
+ACCELERATOR=${ACCELERATOR:-v4-8}           # slice type: v4-8 = 4 chips on 1 host; v4-32 = 16 chips on 4 hosts
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}    # TPU VM software version
 SPOT=${SPOT:-0}                            # 1: spot capacity (cheaper; may be preempted)
 QUEUED=${QUEUED:-0}                        # 1: create through a queued resource (waits for capacity)

@@ -117,7 +117,7 @@ def test_dry_run_prints_every_stage_and_runs_nothing(cloud):
   tmp_path, env = cloud
   expected = {
       "create": "compute tpus tpu-vm create hm --project=proj --zone=us-central2-b "
-                "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base",
+                "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base",
       "setup": "git clone -q https://example.com/hmlstm_jax.git",
       "prepare": "data.load(sys.argv[1]",
       "run": "worker.sh run tiny experiments.charlm --distributed=on",
