@@ -19,7 +19,8 @@ from hmlstm_jax import hmlstm
 from hmlstm_jax import models
 
 
-def boundary_counts(z: jax.Array, labels: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def boundary_counts(z: jax.Array, labels: dict[str, jax.Array],
+                    mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per label, (L, 3) int32 counts of (true positives, false positives, false negatives).
 
   Runs inside the evaluation step (on the device), so that only the counts are summed and
@@ -28,11 +29,13 @@ def boundary_counts(z: jax.Array, labels: dict[str, jax.Array]) -> dict[str, jax
   Args:
     z: (L, rows, T) boundaries (> 0.5 counts as a boundary).
     labels: name → (rows, T) bool.
+    mask: (rows, T); only positions where it is nonzero count (padding left out).
   """
-  fired = jnp.asarray(z) > 0.5
+  real = jnp.ones(jnp.shape(z)[1:], bool) if mask is None else jnp.asarray(mask) > 0
+  fired = (jnp.asarray(z) > 0.5) & real[None]
   out = {}
   for name, lab in labels.items():
-    lab = jnp.asarray(lab, bool)[None]
+    lab = (jnp.asarray(lab, bool) & real)[None]
     count = lambda x: jnp.sum(x, axis=(1, 2), dtype=jnp.int32)
     out[name] = jnp.stack([count(fired & lab), count(fired & ~lab), count(~fired & lab)], axis=1)
   return out

@@ -395,6 +395,11 @@ def operations(initial: State, outputs: UnrollOutputs) -> tuple[jax.Array, ...]:
   return tuple(ops)
 
 
-def operation_counts(ops: Sequence[jax.Array]) -> jax.Array:
-  """Counts of (COPY, UPDATE, FLUSH) per layer, (L, 3) int32 (SPEC.md §3 'update counts')."""
-  return jnp.stack([jnp.bincount(op.reshape(-1), length=3) for op in ops])
+def operation_counts(ops: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
+  """Counts of (COPY, UPDATE, FLUSH) per layer, (L, 3) int32 (SPEC.md §3 'update counts');
+  with ``mask`` (T, B), only the steps where it is nonzero (padding left out)."""
+  if mask is None:
+    return jnp.stack([jnp.bincount(op.reshape(-1), length=3) for op in ops])
+  keep = (jnp.asarray(mask) > 0).reshape(-1).astype(jnp.int32)
+  return jnp.stack([jnp.bincount(op.reshape(-1), weights=keep, length=3) for op in ops]
+                   ).astype(jnp.int32)

@@ -17,31 +17,28 @@ from hmlstm_jax import lstm
 from hmlstm_jax.settings import setting
 
 
+MODELS = ("hmlstm", "lstm")
+
+
 @dataclasses.dataclass(frozen=True)
-class CharLMConfig:
-  """Static description of the character LM (hashable).
+class RecurrentConfig:
+  """The part the paper's two models share: the recurrence and the output module (hashable).
 
   Attributes:
-    vocab_size: number of symbols (``None`` until the corpus is loaded; required by
-      :func:`init_charlm`).
-    layer_sizes: HM-LSTM widths d_1 … d_L (PTB: 512 × 3; Text8/enwik8: 1024 × 3).
-    output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048).
-    embed_size: input embedding width (128 in the paper).
+    model: ``'hmlstm'`` (the paper's model) or ``'lstm'``: the LSTM stack baseline
+      (:mod:`hmlstm_jax.lstm`; layer-normalised with ``layer_norm``) with the same output
+      module, as the paper's LSTM baselines (Table 1 †, Table 3); it has no boundaries.
+    layer_sizes: widths d_1 … d_L (PTB: 512 × 3; Text8/enwik8: 1024 × 3; handwriting 400 × 3).
+    output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048; handwriting 400).
     boundary: ``'step'``, ``'sample'`` or ``'soft'``.
     layer_norm: layer normalisation in the HM-LSTM.
     matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
       (:class:`hmlstm.HMLSTMConfig`).
-    model: ``'hmlstm'`` (the paper's model) or ``'lstm'``: the LSTM stack baseline
-      (:mod:`hmlstm_jax.lstm`; layer-normalised with ``layer_norm``) with the same output
-      module, as the paper's LayerNorm LSTM baseline (Table 1, †); it has no boundaries.
   """
-  vocab_size: int | None = setting(
-      None, "Number of symbols; set from the corpus's vocabulary.", flag=False)
   model: str = setting("hmlstm", "'hmlstm', or 'lstm' for the (layer-norm) LSTM baseline with "
-                       "the same output module.", choices=("hmlstm", "lstm"))
+                       "the same output module.", choices=MODELS)
   layer_sizes: tuple[int, ...] = setting((512, 512, 512), "Units per layer, e.g. 512,512,512.")
   output_size: int = setting(512, "Width of the output embedding h^e (Eq. 12).")
-  embed_size: int = setting(128, "Width of the input embedding (128 in the paper).")
   boundary: str = setting("step", "Boundary function f_bound (Eq. 8): step, sample (Bernoulli) "
                           "or soft (hard sigmoid).", choices=("step", "sample", "soft"))
   layer_norm: bool = setting(False, "Layer normalisation (the paper's best results use it).")
@@ -53,7 +50,32 @@ class CharLMConfig:
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
     if self.model not in MODELS:
       raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-    for name in ("vocab_size", "output_size", "embed_size"):
+    if not isinstance(self.output_size, int) or self.output_size < 1:
+      raise ValueError(f"output_size must be a positive int, got {self.output_size!r}")
+
+  def recurrence(self, input_size: int) -> hmlstm.HMLSTMConfig:
+    """The HM-LSTM (or LSTM stack) reading inputs of ``input_size``."""
+    return hmlstm.HMLSTMConfig(input_size=input_size, layer_sizes=self.layer_sizes,
+                               boundary=self.boundary, layer_norm=self.layer_norm,
+                               matmul_dtype=self.matmul_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CharLMConfig(RecurrentConfig):
+  """Static description of the character LM (hashable): :class:`RecurrentConfig` and
+
+  Attributes:
+    vocab_size: number of symbols (``None`` until the corpus is loaded; required by
+      :func:`init_charlm`).
+    embed_size: input embedding width (128 in the paper).
+  """
+  vocab_size: int | None = setting(
+      None, "Number of symbols; set from the corpus's vocabulary.", flag=False)
+  embed_size: int = setting(128, "Width of the input embedding (128 in the paper).")
+
+  def __post_init__(self):
+    super().__post_init__()
+    for name in ("vocab_size", "embed_size"):
       value = getattr(self, name)
       if name == "vocab_size" and value is None:
         continue  # set from the data before the model is built
@@ -64,12 +86,9 @@ class CharLMConfig:
   @property
   def hmlstm(self) -> hmlstm.HMLSTMConfig:
     """The HM-LSTM part of the model."""
-    return hmlstm.HMLSTMConfig(input_size=self.embed_size, layer_sizes=self.layer_sizes,
-                               boundary=self.boundary, layer_norm=self.layer_norm,
-                               matmul_dtype=self.matmul_dtype)
+    return self.recurrence(self.embed_size)
 
 
-MODELS = ("hmlstm", "lstm")
 
 
 class CharLMOutputs(NamedTuple):
@@ -89,13 +108,38 @@ def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
     raise ValueError("CharLMConfig.vocab_size is None: set it from the corpus "
                      "(dataclasses.replace(config, vocab_size=corpus.vocab.size))")
   k_embed, k_rnn, k_out, k_soft = jax.random.split(key, 4)
-  rnn_init = lstm.init_params if config.model == "lstm" else hmlstm.init_params
   return {
       "embed": jax.random.normal(k_embed, (config.vocab_size, config.embed_size), jnp.float32),
-      config.model: rnn_init(k_rnn, config.hmlstm),
-      "output": heads.init_output_module(k_out, config.layer_sizes, config.output_size),
+      **init_recurrence_and_output(k_rnn, k_out, config, config.hmlstm),
       "softmax": heads.init_softmax(k_soft, config.output_size, config.vocab_size),
   }
+
+
+def init_recurrence_and_output(k_rnn: jax.Array, k_out: jax.Array, config: RecurrentConfig,
+                               rnn_config: hmlstm.HMLSTMConfig) -> dict:
+  """``hmlstm`` (:func:`hmlstm.init_params`; ``lstm`` for the baseline, :func:`lstm.init_params`)
+  from ``k_rnn`` and ``output`` (:func:`heads.init_output_module`) from ``k_out``."""
+  rnn_init = lstm.init_params if config.model == "lstm" else hmlstm.init_params
+  return {config.model: rnn_init(k_rnn, rnn_config),
+          "output": heads.init_output_module(k_out, config.layer_sizes, config.output_size)}
+
+
+def recurrence_and_output(params: dict, state: hmlstm.State, xs: jax.Array, slope,
+                          key: jax.Array | None, *, config: RecurrentConfig,
+                          rnn_config: hmlstm.HMLSTMConfig, deterministic: bool = False,
+                          fast_backward: bool = True):
+  """Eq. 1-9 (or the LSTM stack) over time-major ``xs`` (T, B, input), then Eq. 11-12.
+
+  Returns ``(final_state, UnrollOutputs, h_e)`` with h^e (T, B, output_size); the LSTM's
+  outputs have ``z = ()``.
+  """
+  if config.model == "lstm":
+    final, hs = lstm.unroll(params["lstm"], state, xs, config=rnn_config)
+    outs = hmlstm.UnrollOutputs(h=hs, z=())
+  else:
+    final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key, config=rnn_config,
+                                deterministic=deterministic, fast_backward=fast_backward)
+  return final, outs, heads.output_module(params["output"], outs.h)
 
 
 def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
@@ -120,13 +164,9 @@ def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be (batch, time), got shape {tokens.shape}")
   xs = params["embed"][tokens.T]  # (T, B, E), time-major for the scan
-  if config.model == "lstm":
-    final, hs = lstm.unroll(params["lstm"], state, xs, config=config.hmlstm)
-    outs = hmlstm.UnrollOutputs(h=hs, z=())
-  else:
-    final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key, config=config.hmlstm,
-                                deterministic=deterministic, fast_backward=fast_backward)
-  h_e = heads.output_module(params["output"], outs.h)
+  final, outs, h_e = recurrence_and_output(params, state, xs, slope, key, config=config,
+                                           rnn_config=config.hmlstm, deterministic=deterministic,
+                                           fast_backward=fast_backward)
   logits = heads.softmax_logits(params["softmax"], h_e)  # (T, B, V)
   return jnp.swapaxes(logits, 0, 1), CharLMOutputs(final_state=final, rnn=outs)
 

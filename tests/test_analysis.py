@@ -15,6 +15,13 @@ def test_boundary_counts_and_scores_by_hand():
   np.testing.assert_array_equal(prf[1], [0, 0, 0])  # undefined precision counts as 0
 
 
+def test_boundary_counts_leave_masked_positions_out():
+  z = np.array([[[1, 0, 1, 1, 0, 1]]], float)
+  labels = {"pen": np.array([[1, 0, 0, 1, 1, 1]], bool)}
+  mask = np.array([[1, 1, 1, 1, 0, 0]], np.float32)   # the last two are padding
+  np.testing.assert_array_equal(analysis.boundary_counts(z, labels, mask)["pen"], [[2, 1, 0]])
+
+
 def test_labels_one_step_later():
   labels = analysis.with_next_step({"word": np.array([True, False, True, True, False])})
   np.testing.assert_array_equal(labels["word+1"], [False, True, False, True, True])

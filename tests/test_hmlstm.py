@@ -98,6 +98,12 @@ def test_layer_one_never_copies_and_last_layer_never_flushes():
   assert params[-1]["b"].shape == (4 * SIZES[-1],) and "U_top" not in params[-1]
   counts = H.operation_counts(ops)
   assert counts.shape == (3, 3) and int(counts.sum()) == 3 * T * B
+  mask = np.zeros((T, B), np.float32)
+  mask[: T // 2] = 1.0  # the second half is padding
+  half = H.operation_counts(ops, mask)
+  expected = [np.bincount(np.asarray(op)[: T // 2].ravel(), minlength=3) for op in ops]
+  np.testing.assert_array_equal(half, expected)
+  assert half.dtype == jnp.int32
 
 
 @jax.enable_x64(True)
