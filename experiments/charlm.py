@@ -22,7 +22,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hmlstm_jax import analysis
 from hmlstm_jax import data
@@ -135,14 +134,8 @@ class CharLM(Experiment):
   def summary_lines(self, name, result):
     lines = [f"{name}: BPC {result['bpc']:.4f} over {result['chars']} characters"]
     if "op_counts" in result:
-      counts = np.asarray(result["op_counts"])
-      for l, (copy, update, flush) in enumerate(counts):
-        lines.append(f"  layer {l + 1}: UPDATE {update:.0f}  COPY {copy:.0f}  FLUSH {flush:.0f}  "
-                     f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)")
-      for label, prf in result["boundaries"].items():
-        for l, (p, r, f) in enumerate(prf[:-1]):
-          where = f"{label[:-2]} ends +1 step" if label.endswith("+1") else f"{label} ends"
-          lines.append(f"  z{l + 1} vs {where}: precision {p:.3f}  recall {r:.3f}  F1 {f:.3f}")
+      lines += analysis.operation_lines(result["op_counts"])
+      lines += analysis.boundary_lines(result["boundaries"])
     return lines
 
   def train_scalars(self, loss):

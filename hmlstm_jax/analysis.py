@@ -80,12 +80,7 @@ def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, tit
     z: (L, N) boundaries; rows of layers without a detector (the last) are skipped.
     h_norm: (L, N) norms of h^ℓ_t.
   """
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError as err:
-    raise ImportError("the boundary figure needs matplotlib: pip install 'hmlstm_jax[plot]'") from err
+  plt = pyplot()
   n = len(text)
   detectors = z[:-1] if len(z) else z
   chunks = [(s, min(s + chars_per_row, n)) for s in range(0, n, chars_per_row)]
@@ -107,11 +102,46 @@ def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, tit
   axes[-1].legend(fontsize=7, loc="upper right")
   if title:
     axes[0].set_title(title, fontsize=9)
+  save_png(fig, path)
+
+
+def pyplot():
+  """matplotlib.pyplot with a file backend, or a clear error naming the extra to install."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError as err:
+    raise ImportError("the figures need matplotlib: pip install 'hmlstm_jax[plot]'") from err
+  return plt
+
+
+def save_png(fig, path: str) -> None:
+  """Writes a figure as a PNG to ``path`` atomically (temporary file, then rename) and closes it."""
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=110)
-  plt.close(fig)
+  pyplot().close(fig)
   files.write_atomically(path, png.getvalue())
+
+
+def operation_lines(op_counts) -> list[str]:
+  """One line per layer: its UPDATE / COPY / FLUSH counts and how often it computes."""
+  counts = np.asarray(op_counts)
+  return [f"  layer {l + 1}: UPDATE {update:.0f}  COPY {copy:.0f}  FLUSH {flush:.0f}  "
+          f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)"
+          for l, (copy, update, flush) in enumerate(counts)]
+
+
+def boundary_lines(boundaries: dict, unit: str = "ends") -> list[str]:
+  """One line per label and detector layer: precision, recall and F1 (label names ending
+  in '+1' are the labels one step later)."""
+  lines = []
+  for label, prf in boundaries.items():
+    for l, (p, r, f) in enumerate(prf[:-1]):
+      where = f"{label[:-2]} {unit} +1 step" if label.endswith("+1") else f"{label} {unit}"
+      lines.append(f"  z{l + 1} vs {where}: precision {p:.3f}  recall {r:.3f}  F1 {f:.3f}")
+  return lines
 
 
 def sample(params, config: models.CharLMConfig, prompt: np.ndarray, num_chars: int,

@@ -67,6 +67,18 @@ def test_batches_pad_at_the_end_and_mask_the_padding():
   assert batcher.padding_fraction() == pytest.approx(1 - 41 / 46)
 
 
+def test_a_last_partial_batch_is_filled_with_empty_rows_and_lengths_round_up():
+  seqs, labels = _sequences([5, 9, 6, 12, 7])
+  batcher = strokes.SequenceBatcher(seqs, labels, batch_size=2, drop_remainder=False,
+                                    length_multiple=4)
+  assert len(batcher) == 3 and batcher.num_sequences == 5
+  shapes = {batcher[k].inputs.shape for k in range(3)}
+  assert all(s[0] == 2 and s[1] % 4 == 0 for s in shapes)
+  masks = [batcher[k].mask for k in range(3)]
+  assert sum(float(m.sum()) for m in masks) == sum(n - 1 for n in (5, 9, 6, 12, 7))
+  assert sum(int((m.sum(axis=1) > 0).sum()) for m in masks) == 5  # one empty row
+
+
 def test_batches_split_rows_over_hosts_and_keep_their_order():
   seqs, labels = _sequences([5, 9, 6, 12, 7, 8, 10, 11])
   full = strokes.SequenceBatcher(seqs, labels, batch_size=4, seed=1)

@@ -81,10 +81,15 @@ class SequenceBatch(NamedTuple):
 class SequenceBatcher:
   """Whole sequences in padded batches: sequences sorted by length and cut into batches of
   neighbours (little padding), the batches in a fixed seeded order. ``[k]`` is batch k of
-  every epoch (the trainer's data position), this process's rows of it."""
+  every epoch (the trainer's data position), this process's rows of it.
+
+  Every batch has ``batch_size`` rows (without ``drop_remainder`` the last is filled with empty
+  rows, all masked) and a length rounded up to a multiple of ``length_multiple``, so that a
+  jitted step compiles once per length bucket, not once per batch."""
 
   def __init__(self, sequences: list, labels: list, batch_size: int, *, seed: int = 0,
-               drop_remainder: bool = True, process_index: int = 0, process_count: int = 1):
+               drop_remainder: bool = True, length_multiple: int = 1, process_index: int = 0,
+               process_count: int = 1):
     if batch_size % process_count:
       raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} hosts")
     if len(sequences) < batch_size:
@@ -94,12 +99,19 @@ class SequenceBatcher:
     order = np.argsort([len(s) for s in sequences], kind="stable")
     count = len(order) // batch_size if drop_remainder else -(-len(order) // batch_size)
     groups = [order[k * batch_size:(k + 1) * batch_size] for k in range(count)]
+    groups = [np.r_[g, np.full(batch_size - len(g), -1)] for g in groups]  # -1: an empty row
     permutation = np.random.default_rng(seed).permutation(count)
     rows = slice(process_index * batch_size // process_count,
                  (process_index + 1) * batch_size // process_count)
     self._groups = [groups[k][rows] for k in permutation]
     self._sequences, self._labels = sequences, labels
     self.batch_size = batch_size
+    self.length_multiple = length_multiple
+    self.num_sequences = len(sequences) if not drop_remainder else count * batch_size
+
+  def _length(self, chosen) -> int:
+    longest = max((len(self._sequences[i]) - 1 for i in chosen if i >= 0), default=1)
+    return -(-longest // self.length_multiple) * self.length_multiple
 
   def __len__(self) -> int:
     return len(self._groups)
@@ -108,14 +120,16 @@ class SequenceBatcher:
     if not 0 <= k < len(self._groups):
       raise IndexError(f"batch {k} outside [0, {len(self._groups)})")
     chosen = self._groups[k]
-    length = max(len(self._sequences[i]) for i in chosen) - 1
+    length = self._length(chosen)
     rows = len(chosen)
     inputs = np.zeros((rows, length, 3), np.float32)
     targets = np.zeros((rows, length, 3), np.float32)
     mask = np.zeros((rows, length), np.float32)
-    names = list(self._labels[chosen[0]]) if len(chosen) else []
+    names = list(self._labels[0]) if self._labels else []
     labels = {name: np.zeros((rows, length), bool) for name in names}
     for r, i in enumerate(chosen):
+      if i < 0:
+        continue
       seq, n = self._sequences[i], len(self._sequences[i]) - 1
       inputs[r, :n], targets[r, :n], mask[r, :n] = seq[:-1], seq[1:], 1.0
       for name in names:
@@ -126,9 +140,8 @@ class SequenceBatcher:
     """Padded positions over all positions, over the epoch."""
     real = total = 0
     for chosen in self._groups:
-      lengths = [len(self._sequences[i]) - 1 for i in chosen]
-      real += sum(lengths)
-      total += max(lengths, default=0) * len(lengths)
+      real += sum(len(self._sequences[i]) - 1 for i in chosen if i >= 0)
+      total += self._length(chosen) * len(chosen)
     return 1.0 - real / max(total, 1)
 
 
