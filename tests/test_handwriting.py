@@ -1,0 +1,103 @@
+"""The handwriting experiment (experiments/handwriting.py on the trainer) on tiny synthetic data."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import flags
+import numpy as np
+import pytest
+
+from experiments import handwriting
+from hmlstm_jax import settings
+from hmlstm_jax import training
+from hmlstm_jax.training import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(synthetic_lines=60, min_length=80, length_multiple=250, layer_sizes=(8, 8, 8),
+            output_size=8, num_components=3, batch_size=4, eval_batch_size=4, learning_rate=0.01,
+            num_epochs=0.5, eval_every=5, log_every=5, checkpoint_every=100, num_samples=2,
+            sample_points=30, num_devices=2)
+
+
+def tiny(**overrides) -> handwriting.Handwriting:
+  return handwriting.Handwriting(settings.replace(handwriting.Config(), **dict(TINY, **overrides)))
+
+
+def test_end_to_end_run_reports_table_3_quantities_and_draws_both_figures(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = training.train_and_evaluate(tiny(), workdir)
+  assert result["status"] == "done"
+  for split in ("valid", "test"):
+    r = result[split]
+    assert math.isfinite(r["loglik_per_sequence"]) and r["nll_per_sequence"] == -r["loglik_per_sequence"]
+    counts = np.asarray(r["op_counts"])
+    assert counts.shape == (3, 3) and counts.sum(axis=1).tolist() == [r["points"]] * 3  # no padding counted
+    assert set(r["boundaries"]) == {"stroke", "glyph", "word", "stroke+1", "glyph+1", "word+1"}
+  assert result["test"]["sequences"] == 6 and result["valid"]["sequences"] == 6  # every sequence, once
+  for name in ("segments.png", "generated.png"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert saved["test"]["loglik_per_sequence"] == pytest.approx(result["test"]["loglik_per_sequence"])
+
+
+def test_evaluation_counts_every_sequence_whatever_the_batch(tmp_path):
+  """Eval batches of 4 over 6 sequences: the last is filled with empty rows; the sums match a
+  batch that holds all 6."""
+  a = training.train_and_evaluate(tiny(num_epochs=0.1, num_devices=1), str(tmp_path / "a"))
+  b = training.train_and_evaluate(tiny(num_epochs=0.1, eval_batch_size=6, num_devices=1),
+                                  str(tmp_path / "b"))
+  np.testing.assert_array_equal(a["train_losses"], b["train_losses"])  # the same parameters
+  assert a["test"]["points"] == b["test"]["points"]
+  assert a["test"]["loglik_per_sequence"] == pytest.approx(b["test"]["loglik_per_sequence"], rel=1e-5)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+  experiment = lambda: tiny(num_epochs=1.0, eval_every=4)
+  straight = training.train_and_evaluate(experiment(), str(tmp_path / "straight"), max_steps=10)
+  first = training.train_and_evaluate(experiment(), str(tmp_path / "resumed"), max_steps=6)
+  second = training.train_and_evaluate(experiment(), str(tmp_path / "resumed"), max_steps=4)
+  assert first["step"] == 6 and second["step"] == 10
+  np.testing.assert_array_equal(first["train_losses"] + second["train_losses"], straight["train_losses"])
+
+
+def _parse(*argv):
+  fv = flags.FlagValues()
+  settings.define_flags(handwriting.Config, fv)
+  args, _ = cli.resolve_flagfiles(list(argv), handwriting.FLAGS_DIR)
+  fv(["handwriting", *args])
+  return settings.from_flags(handwriting.Config, fv)
+
+
+def test_flagfiles_carry_the_paper_settings():
+  names = {os.path.basename(p) for p in glob.glob(os.path.join(handwriting.FLAGS_DIR, "handwriting*.flags"))}
+  assert names == {"handwriting.flags", "handwriting_anneal.flags", "handwriting_lstm.flags",
+                   "handwriting_demo.flags"}
+  for name, model, rate, paper in (("handwriting.flags", "hmlstm", 0.0, "1137"),
+                                   ("handwriting_anneal.flags", "hmlstm", 0.004, "1167"),
+                                   ("handwriting_lstm.flags", "lstm", 0.0, "1081")):
+    assert paper in open(os.path.join(handwriting.FLAGS_DIR, name)).readline()
+    c = _parse(f"--flagfile={name}")
+    assert c.dataset == "iam_ondb" and c.model.model == model and c.train.slope_rate == rate
+    assert c.model.layer_sizes == (400, 400, 400) and c.model.output_size == 400
+    assert c.train.batch_size == 32 and c.train.learning_rate == 0.0003 and c.model.num_components == 20
+    assert c.min_length == 300
+  assert _parse("--flagfile=handwriting_anneal.flags").train.max_slope == 3
+
+
+def test_missing_iam_ondb_fails_fast_with_instructions(tmp_path):
+  start = time.time()
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.handwriting", "--flagfile=handwriting.flags",
+       f"--manual_dir={tmp_path / 'manual'}", f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert "lineStrokes-all.tar.gz" in line and handwriting.IAM_ONDB_PAGE in line and "manual" in line
+  assert time.time() - start < 60
+  assert not os.path.exists(tmp_path / "run")  # nothing half-written
