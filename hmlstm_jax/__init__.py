@@ -10,6 +10,11 @@ from hmlstm_jax.boundary import slope_schedule
 from hmlstm_jax.boundary import straight_through_boundary
 from hmlstm_jax.cell import layer_update
 from hmlstm_jax.cell import pre_activation
+from hmlstm_jax.handwriting import HandwritingConfig
+from hmlstm_jax.handwriting import handwriting_apply
+from hmlstm_jax.handwriting import handwriting_loss
+from hmlstm_jax.handwriting import init_handwriting
+from hmlstm_jax.handwriting import sequence_log_likelihoods
 from hmlstm_jax.heads import init_output_module
 from hmlstm_jax.heads import init_softmax
 from hmlstm_jax.heads import output_module
@@ -29,6 +34,7 @@ from hmlstm_jax.hmlstm import operations
 from hmlstm_jax.hmlstm import step
 from hmlstm_jax.hmlstm import unroll
 from hmlstm_jax.models import CharLMConfig
+from hmlstm_jax.models import RecurrentConfig
 from hmlstm_jax.models import CharLMOutputs
 from hmlstm_jax.models import charlm_apply
 from hmlstm_jax.models import charlm_loss
@@ -39,7 +45,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BOUNDARY_VARIANTS", "COPY", "FLUSH", "UPDATE", "CharLMConfig", "CharLMOutputs", "HMLSTM",
-    "HMLSTMConfig", "LayerState", "State", "UnrollOutputs", "boundary_noise", "f_bound",
+    "HMLSTMConfig", "HandwritingConfig", "LayerState", "RecurrentConfig", "State",
+    "UnrollOutputs", "boundary_noise", "f_bound", "handwriting_apply", "handwriting_loss",
+    "init_handwriting", "sequence_log_likelihoods",
     "charlm_apply", "charlm_loss", "hard_sigmoid", "init_charlm", "init_output_module",
     "init_params", "init_softmax", "initial_state", "layer_update", "operation_counts",
     "operations", "output_module", "pre_activation", "slope_schedule", "softmax_logits", "step",
