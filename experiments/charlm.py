@@ -117,18 +117,14 @@ class CharLM(Experiment):
     nll = models.token_nll(logits, batch.targets)
     sums = {"nll": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
     if outs.rnn.z:
-      sums["op_counts"] = hmlstm.operation_counts(hmlstm.operations(carry, outs.rnn))
-      z = jnp.stack([jnp.swapaxes(z[..., 0], 0, 1) for z in outs.rnn.z])  # (L, rows, T)
-      sums["boundaries"] = analysis.boundary_counts(z, batch.labels)
+      sums.update(analysis.boundary_sums(carry, outs.rnn, batch.labels))
     return outs.final_state, sums
 
   def summarize(self, sums):
     nll = float(sums["nll"] / sums["count"])
     result = {"nll": nll, "bpc": nll / math.log(2), "chars": int(sums["count"])}
-    if "op_counts" in sums:
-      result["op_counts"] = sums["op_counts"].tolist()  # per layer (COPY, UPDATE, FLUSH)
-      result["boundaries"] = {name: analysis.precision_recall_f1(sums["boundaries"][name]).tolist()
-                              for name in self.label_names}
+    if "op_counts" in sums:  # per layer (COPY, UPDATE, FLUSH); per label P / R / F1
+      result.update(analysis.boundary_results(sums, self.label_names))
     return result
 
   def summary_lines(self, name, result):

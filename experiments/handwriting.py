@@ -154,9 +154,7 @@ class Handwriting(Experiment):
            "points": jnp.sum(batch.mask)}
     if outs.rnn.z:
       initial = hmlstm.initial_state(self.model.hmlstm, batch.inputs.shape[0])
-      out["op_counts"] = hmlstm.operation_counts(hmlstm.operations(initial, outs.rnn), batch.mask.T)
-      z = jnp.stack([jnp.swapaxes(z[..., 0], 0, 1) for z in outs.rnn.z])  # (L, rows, T)
-      out["boundaries"] = analysis.boundary_counts(z, batch.labels, batch.mask)
+      out.update(analysis.boundary_sums(initial, outs.rnn, batch.labels, batch.mask))
     return carry, out
 
   def summarize(self, sums):
@@ -165,9 +163,7 @@ class Handwriting(Experiment):
               "loglik_per_point": float(sums["loglik"] / sums["points"]),
               "sequences": int(sums["sequences"]), "points": int(sums["points"])}
     if "op_counts" in sums:
-      result["op_counts"] = sums["op_counts"].tolist()
-      result["boundaries"] = {name: analysis.precision_recall_f1(sums["boundaries"][name]).tolist()
-                              for name in self.label_names}
+      result.update(analysis.boundary_results(sums, self.label_names))
     return result
 
   def summary_lines(self, name, result):

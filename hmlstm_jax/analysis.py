@@ -41,6 +41,31 @@ def boundary_counts(z: jax.Array, labels: dict[str, jax.Array],
   return out
 
 
+def boundary_sums(initial: hmlstm.State, rnn: hmlstm.UnrollOutputs, labels: dict,
+                  mask: jax.Array | None = None) -> dict:
+  """An evaluation batch's boundary bookkeeping, on the device: ``op_counts`` (L, 3) COPY /
+  UPDATE / FLUSH per layer (SPEC §3) and ``boundaries`` (per label, :func:`boundary_counts`).
+
+  Args:
+    initial: the state before the batch (the operation at step 0 depends on its z).
+    rnn: the unroll's outputs, time-major (z (T, rows, 1) per layer; empty for the LSTM).
+    labels: name → (rows, T) bool.
+    mask: (rows, T); only positions where it is nonzero count (padding left out).
+  """
+  ops = hmlstm.operations(initial, rnn)
+  z = jnp.stack([jnp.swapaxes(z[..., 0], 0, 1) for z in rnn.z])  # (L, rows, T)
+  return {"op_counts": hmlstm.operation_counts(ops, None if mask is None else jnp.asarray(mask).T),
+          "boundaries": boundary_counts(z, labels, mask)}
+
+
+def boundary_results(sums: dict, label_names) -> dict:
+  """The summed :func:`boundary_sums` as JSON-able results: ``op_counts`` per layer and, per
+  label, each layer's (precision, recall, F1)."""
+  return {"op_counts": np.asarray(sums["op_counts"]).tolist(),
+          "boundaries": {name: precision_recall_f1(sums["boundaries"][name]).tolist()
+                         for name in label_names}}
+
+
 def with_next_step(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Adds ``'<name>+1'``: each label moved one step later (the step just after a word end).
 

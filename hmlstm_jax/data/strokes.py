@@ -105,7 +105,6 @@ class SequenceBatcher:
                  (process_index + 1) * batch_size // process_count)
     self._groups = [groups[k][rows] for k in permutation]
     self._sequences, self._labels = sequences, labels
-    self.batch_size = batch_size
     self.length_multiple = length_multiple
     self.num_sequences = len(sequences) if not drop_remainder else count * batch_size
 

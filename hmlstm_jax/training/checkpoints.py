@@ -37,14 +37,9 @@ import orbax.checkpoint as ocp
 from hmlstm_jax import files
 from hmlstm_jax.training import distributed
 from hmlstm_jax.training.errors import RunError
+from hmlstm_jax.training.errors import first_line
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-def first_line(err: BaseException) -> str:
-  """An error as one short line (type and first line of its message), for one-line reports."""
-  text = str(err).strip().splitlines()
-  return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ from absl import flags
 import jax
 import numpy as np
 
+from hmlstm_jax.training.errors import first_line
+
 MODES = ("auto", "on", "off")
 
 
@@ -111,12 +113,10 @@ _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Gloo", "
 def lost_peer(err: BaseException) -> str | None:
   """For an error of a multi-process run that comes from a broken collective, a line saying
   so (the cause is another process's death; its log says why); otherwise None."""
-  text = str(err)
-  if jax.process_count() == 1 or not any(mark in text for mark in _LOST_PEER):
+  if jax.process_count() == 1 or not any(mark in str(err) for mark in _LOST_PEER):
     return None
-  first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
   return (f"process {jax.process_index()}: an operation across the processes failed, most likely "
-          f"because another process of the run stopped or died; see its log ({first})")
+          f"because another process of the run stopped or died; see its log ({first_line(err)})")
 
 
 def barrier(name: str) -> None:

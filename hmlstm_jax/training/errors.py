@@ -18,3 +18,9 @@ class Preempted(BaseException):
   """SIGTERM (or SIGINT) arrived where the run could not stop at a checkpoint boundary (the
   final report); the last checkpoint is intact and running again redoes the report. Like
   KeyboardInterrupt, it is not an Exception, so that no ``except Exception`` swallows it."""
+
+
+def first_line(err: BaseException) -> str:
+  """An error as one short line (type and first line of its message), for one-line reports."""
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0] if text else ''}"[:300]

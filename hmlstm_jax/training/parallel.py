@@ -19,8 +19,6 @@ another mesh. Measured on one CPU device, the trainer's loop runs at the bare st
 from __future__ import annotations
 
 import functools
-from typing import Any
-
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -105,11 +103,17 @@ class MappedSteps:
     """A host :class:`~.steps.TrainState` (this process's rows of the carry) onto the mesh."""
     return self.replicate(host_state.replace(carry=())).replace(carry=self.place(host_state.carry))
 
-  @staticmethod
-  def abstract(state):
-    """Shapes, dtypes and shardings of a global state: what a checkpoint is restored onto."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  def abstract_state(self, host_state: steps.TrainState) -> steps.TrainState:
+    """Shapes, dtypes and shardings of :meth:`put_state` of ``host_state``, without placing
+    anything: what a checkpoint is restored onto."""
+    def like(x, sharding, rows=1):
+      x = np.asarray(x)
+      return jax.ShapeDtypeStruct((x.shape[0] * rows,) + x.shape[1:] if rows > 1 else x.shape,
+                                  x.dtype, sharding=sharding)
+    replicated = jax.tree_util.tree_map(lambda x: like(x, self._replicated),
+                                        host_state.replace(carry=()))
+    return replicated.replace(carry=jax.tree_util.tree_map(
+        lambda x: like(x, self._rows, self._processes), host_state.carry))
 
   @staticmethod
   def local_copy(tree):

@@ -47,6 +47,7 @@ from hmlstm_jax.training import metrics
 from hmlstm_jax.training import parallel
 from hmlstm_jax.training import steps
 from hmlstm_jax.training.errors import NonFiniteError
+from hmlstm_jax.training.errors import first_line
 from hmlstm_jax.training.errors import Preempted
 from hmlstm_jax.training.errors import RunError
 from hmlstm_jax.training.experiment import Experiment
@@ -116,8 +117,7 @@ class Run:
     self.ckpt = checkpoints.Checkpointer(workdir.path, self.config.keep_checkpoints)
     self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
                                      self.plateau, rows=self.config.batch_size // self.hosts.count)
-    self.initial = self.mapped.put_state(self.template)
-    self.abstract = self.mapped.abstract(self.initial)  # what checkpoints are restored onto
+    self.abstract = self.mapped.abstract_state(self.template)  # what checkpoints restore onto
     self.losses: list[float] = []   # this call's per-step training losses, read back
     self._pending: list = []        # metrics of steps not yet read back (on the devices)
     self._saved_step = None
@@ -126,22 +126,24 @@ class Run:
 
   def restore(self) -> None:
     """The newest readable checkpoint, or the initial state."""
-    state = self.initial
     self.meta = {"best_step": None, "best": None, "history": [],
                  "steps_per_epoch": self.steps_per_epoch}
     restored = self.ckpt.restore_latest(self.abstract, warn=say)
-    if restored is not None:
+    if restored is None:
+      state = self.mapped.put_state(self.template)
+    else:
       state, self.meta = restored
       if self.meta["steps_per_epoch"] != self.steps_per_epoch:
         raise RunError(
             f"the checkpoints in {self.workdir.path} were made with {self.meta['steps_per_epoch']} "
             f"batches per epoch, this data and batch size give {self.steps_per_epoch}: use the "
             "run's own data, or another --workdir")
-      self._saved_step = int(self.mapped.fetch(state.step))
-      say(f"resumed from {self.workdir.path} at step {self._saved_step}")
+    self.step = int(self.mapped.fetch(state.step))
+    if restored is not None:
+      self._saved_step = self.step
+      say(f"resumed from {self.workdir.path} at step {self.step}")
     self.host_plateau = self.mapped.fetch(state.plateau)
     self.state = state
-    self.step = int(self.mapped.fetch(state.step))
 
   # ----------------------------------------------------------------------- the loop
 
@@ -267,7 +269,8 @@ class Run:
                            f"{self._last_good()}. Lower --learning_rate.")
     position = self.step % self.steps_per_epoch
     slope = self.config.slope(self.step / self.steps_per_epoch)
-    probe = float(self.mapped.fetch(self.mapped.probe(self.state, self.data.train[position], slope, position == 0)))
+    probe = float(self.mapped.fetch(
+        self.mapped.probe(self.state, self.data.train[position], slope, position == 0)))
     if not math.isfinite(probe):
       raise NonFiniteError(
           f"the parameters after step {self.step} give a non-finite loss ({probe}) on the next "
@@ -289,7 +292,7 @@ class Run:
       best_state, best_meta = self.ckpt.restore(best, self.abstract)
     except Exception as err:
       raise RunError(f"the best checkpoint (step {best}) in {self.ckpt.directory} cannot be read "
-                     f"({checkpoints.first_line(err)})") from None
+                     f"({first_line(err)})") from None
     params = best_state.params
     slope = float(best_meta["slope"])
     results = {split: self.evaluate(split, params, slope) for split in ("validation", "test")}
