@@ -14,7 +14,9 @@ import pytest
 from experiments import handwriting
 from hmlstm_jax import settings
 from hmlstm_jax import training
+from hmlstm_jax.data import iam_ondb
 from hmlstm_jax.training import cli
+from test_iam_ondb import make_manual_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +46,24 @@ def test_end_to_end_run_reports_table_3_quantities_and_draws_both_figures(tmp_pa
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   saved = json.load(open(os.path.join(workdir, "results.json")))
   assert saved["test"]["loglik_per_sequence"] == pytest.approx(result["test"]["loglik_per_sequence"])
+
+
+def test_iam_ondb_end_to_end_on_a_small_archive_in_the_real_layout(tmp_path):
+  """The paper's split of a small lineStrokes-all.tar.gz: 21 / 1 / 2 lines; pen-ups scored."""
+  make_manual_dir(tmp_path / "manual")
+  experiment = tiny(dataset="iam_ondb", data_dir=str(tmp_path / "tfds"),
+                    manual_dir=str(tmp_path / "manual"), min_length=300, length_multiple=450,
+                    num_epochs=1.0)
+  result = training.train_and_evaluate(experiment, str(tmp_path / "run"))
+  assert result["status"] == "done"
+  assert result["valid"]["sequences"] == 1 and result["test"]["sequences"] == 2
+  assert set(result["test"]["boundaries"]) == {"stroke", "stroke+1"}  # pen-ups
+  data = iam_ondb.load_iam_ondb(str(tmp_path / "tfds"))  # prepared: no manual files needed
+  assert result["test"]["points"] == sum(len(p) - 1 for p in data.splits["test"])
+  saved = json.load(open(os.path.join(tmp_path / "run", "results.json")))
+  assert saved["normalizer"] == {"mean": list(data.normalizer.mean), "std": list(data.normalizer.std)}
+  with pytest.raises(ValueError, match="keeps only lines of 300 points"):
+    settings.replace(handwriting.Config(), dataset="iam_ondb", min_length=200)
 
 
 def test_evaluation_counts_every_sequence_whatever_the_batch(tmp_path):
@@ -98,6 +118,7 @@ def test_missing_iam_ondb_fails_fast_with_instructions(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
   line = result.stderr.strip().splitlines()[-1]
-  assert "lineStrokes-all.tar.gz" in line and handwriting.IAM_ONDB_PAGE in line and "manual" in line
+  assert "lineStrokes-all.tar.gz" in line and iam_ondb.PAGE in line and str(tmp_path / "manual") in line
+  assert "trainset.txt" in line
   assert time.time() - start < 60
   assert not os.path.exists(tmp_path / "run")  # nothing half-written

@@ -43,24 +43,13 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Download the archive named in the error message into the manual directory."
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            "index": np.int64,
-            "chunk": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-        }),
-        disable_shuffling=True,  # as a DatasetInfo argument: a class attribute is ignored
-        homepage=self.HOMEPAGE,
-    )
+    return ordered_info(self, {"chunk": tfds.features.Tensor(shape=(None,), dtype=np.uint8)},
+                        self.HOMEPAGE)
 
   def _archive_path(self, dl_manager) -> str:
     """The archive in the manual directory, else downloaded from ``URL``; clear error otherwise."""
-    try:
-      manual = os.fspath(dl_manager.manual_dir)
-    except AssertionError:  # no manual directory, or an empty one
-      manual = None
-    if manual and os.path.exists(os.path.join(manual, self.ARCHIVE)):
+    manual = manual_dir(dl_manager)
+    if os.path.exists(os.path.join(manual, self.ARCHIVE)):
       path = os.path.join(manual, self.ARCHIVE)
       logging.info("%s: using %s (sha256 %s)", self.name, path, sha256_of(path))
       return path
@@ -68,11 +57,10 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
       _check_reachable(self.URL)  # fail in seconds, not after TFDS's ten retries with backoff
       path = os.fspath(dl_manager.download(self.URL))
     except Exception as err:  # network errors come in many types
-      where = manual or os.fspath(getattr(dl_manager, "_manual_dir", None) or "<data_dir>/downloads/manual")
       raise FileNotFoundError(
-          f"{self.name}: {self.ARCHIVE} is not in the manual directory {where} and downloading "
+          f"{self.name}: {self.ARCHIVE} is not in the manual directory {manual} and downloading "
           f"{self.URL} failed ({type(err).__name__}: {err}). Download {self.URL} yourself, put "
-          f"{self.ARCHIVE} in {where}, and run again.") from err
+          f"{self.ARCHIVE} in {manual}, and run again.") from err
     size = os.path.getsize(path)
     if self.ARCHIVE_BYTES and size != self.ARCHIVE_BYTES:
       raise ValueError(f"{path} has {size} bytes, the canonical {self.ARCHIVE} has "
@@ -100,6 +88,29 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, data: bytes):
     for i, start in enumerate(range(0, len(data), CHUNK_BYTES)):
       yield i, {"index": i, "chunk": np.frombuffer(data[start:start + CHUNK_BYTES], np.uint8)}
+
+
+def ordered_info(builder, features: dict, homepage: str, **kwargs) -> tfds.core.DatasetInfo:
+  """A builder's info: its examples numbered by ``index`` and stored in order."""
+  return tfds.core.DatasetInfo(
+      builder=builder, description=builder.__doc__,
+      features=tfds.features.FeaturesDict({"index": np.int64, **features}),
+      disable_shuffling=True,  # as a DatasetInfo argument: a class attribute is ignored
+      homepage=homepage, **kwargs)
+
+
+def manual_dir(dl_manager) -> str:
+  """The manual directory, whether or not it exists yet (TFDS asserts on a missing one)."""
+  try:
+    return os.fspath(dl_manager.manual_dir)
+  except AssertionError:  # no manual directory, or an empty one
+    return os.fspath(getattr(dl_manager, "_manual_dir", None) or "<data_dir>/downloads/manual")
+
+
+def ordered_examples(builder: tfds.core.DatasetBuilder, split: str) -> list:
+  """A prepared split's examples in ``index`` order, read from its array_record files."""
+  source = builder.as_data_source(split)
+  return sorted((source[i] for i in range(len(source))), key=lambda ex: int(ex["index"]))
 
 
 def _check_reachable(url: str, timeout: float = 10.0) -> None:
@@ -182,9 +193,7 @@ WORD_SEPARATORS = {"text8": b" ", "enwik8": b" \n", "ptb": b"_\n"}
 
 def read_split_bytes(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
   """The split's bytes, chunks in order, from the prepared array_record files."""
-  source = builder.as_data_source(split)
-  chunks = sorted((source[i] for i in range(len(source))), key=lambda ex: int(ex["index"]))
-  return np.concatenate([np.asarray(ex["chunk"], np.uint8) for ex in chunks])
+  return np.concatenate([np.asarray(ex["chunk"], np.uint8) for ex in ordered_examples(builder, split)])
 
 
 def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> Corpus:

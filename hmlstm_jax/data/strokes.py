@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+MIN_POINTS = 300  # §4.2: sequences shorter than this are dropped
 LEVELS = ("stroke", "glyph", "word")  # the synthetic data's boundary labels, finest first
 
 
@@ -92,7 +93,7 @@ class SequenceBatcher:
                process_count: int = 1):
     if batch_size % process_count:
       raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} hosts")
-    if len(sequences) < batch_size:
+    if not sequences or (drop_remainder and len(sequences) < batch_size):
       raise ValueError(f"{len(sequences)} sequences are fewer than one batch of {batch_size}")
     if any(len(s) < 2 for s in sequences):
       raise ValueError("every sequence needs at least 2 points (an input and a target)")
