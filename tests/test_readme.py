@@ -7,12 +7,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_readme_example_runs_as_written(tmp_path):
+def _example(marker: str) -> str:
+  """The README's one python example that contains ``marker``."""
   readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-  assert blocks, "the README has no python example"
+  found = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if marker in b]
+  assert len(found) == 1, f"{len(found)} README python examples contain {marker!r}"
+  return found[0]
+
+
+def test_readme_example_runs_as_written(tmp_path):
   script = tmp_path / "example.py"
-  script.write_text(blocks[0])
+  script.write_text(_example("hm.operation_counts("))
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=env)
@@ -23,12 +28,25 @@ def test_readme_example_runs_as_written(tmp_path):
 
 
 def test_readme_trainer_example_trains_a_model_of_its_own(tmp_path):
-  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  example = re.findall(r"```python\n(.*?)```", readme, re.S)[1]
-  assert "training.train_and_evaluate(Regression(config)" in example
+  example = _example("training.train_and_evaluate(Regression(config)")
   script = tmp_path / "trainer_example.py"
   script.write_text(example.replace("/tmp/regression", str(tmp_path / "run")))
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
   assert result.returncode == 0, result.stderr[-3000:]
   assert float(re.search(r"\{'loss': ([\d.e-]+)\}", result.stdout).group(1)) < 0.01
+
+
+def test_readme_layer_norm_gradient_reach_example_shows_what_it_says(tmp_path):
+  """The third example: with layer norm the gradient grows going back in time, without it not."""
+  example = _example("def reach(")
+  script = tmp_path / "reach.py"
+  script.write_text(example)
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT))
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = dict(re.findall(r"layer_norm=(True|False): (.*)", result.stdout))
+  plain, normalised = ([float(v) for v in rows[k].split()] for k in ("False", "True"))
+  assert len(plain) == len(normalised) == 10
+  assert max(plain[1:]) < 10 * plain[0]       # without layer norm: no growth back in time
+  assert normalised[-1] > 1e6 * normalised[0]  # with it: many orders of magnitude
