@@ -123,7 +123,7 @@ class Handwriting(Experiment):
     lengths = [len(o) for o in self.sequences["train"]]
     return Data(
         train=train, evals=evals, items_per_batch=int(t.batch_size * np.mean(lengths)),
-        item_name="points",
+        item_name="points", metadata={"normalizer": dataclasses.asdict(self.normalizer)},
         description=(f"{self.model.model} on {c.dataset} handwriting: sequences {counts} "
                      f"(mean length {np.mean(lengths):.0f}), {len(train)} batches of "
                      f"{t.batch_size} per epoch, padding {train.padding_fraction():.1%}"))
@@ -174,7 +174,7 @@ class Handwriting(Experiment):
   def report(self, params, slope, workdir):
     """Fig. 5 on the first validation sequence and generated handwriting (PNGs)."""
     c, lines = self.config, []
-    out = {"normalizer": dataclasses.asdict(self.normalizer)}  # what undoes the inputs' scaling
+    out = {"normalizer": dataclasses.asdict(self.normalizer)}  # also in every checkpoint's record
     sequence = self.sequences["validation"][0]
     if self.model.model == "hmlstm":
       z = report.boundaries(params, self.model, sequence, slope)

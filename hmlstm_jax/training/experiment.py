@@ -62,12 +62,15 @@ class Data:
       segments of 64 x 100 per epoch"``.
     items_per_batch: items of one global training batch (characters, points), for throughput.
     item_name: what an item is, e.g. ``'tokens'``.
+    metadata: what a checkpoint must carry to be used on its own (JSON), e.g. the statistics
+      that normalised the inputs; stored in every checkpoint's record under ``'data'``.
   """
   train: Batches
   evals: dict[str, Batches]
   description: str
   items_per_batch: int
   item_name: str = "items"
+  metadata: dict = dataclasses.field(default_factory=dict)
 
 
 class Experiment:

@@ -127,7 +127,7 @@ class Run:
   def restore(self) -> None:
     """The newest readable checkpoint, or the initial state."""
     self.meta = {"best_step": None, "best": None, "history": [],
-                 "steps_per_epoch": self.steps_per_epoch}
+                 "steps_per_epoch": self.steps_per_epoch, "data": dict(self.data.metadata)}
     restored = self.ckpt.restore_latest(self.abstract, warn=say)
     if restored is None:
       state = self.mapped.put_state(self.template)
