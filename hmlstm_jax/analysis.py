@@ -44,7 +44,7 @@ def boundary_counts(z: jax.Array, labels: dict[str, jax.Array],
 def boundary_sums(initial: hmlstm.State, rnn: hmlstm.UnrollOutputs, labels: dict,
                   mask: jax.Array | None = None) -> dict:
   """An evaluation batch's boundary bookkeeping, on the device: ``op_counts`` (L, 3) COPY /
-  UPDATE / FLUSH per layer (SPEC §3) and ``boundaries`` (per label, :func:`boundary_counts`).
+  UPDATE / FLUSH per layer (decisions.md §3) and ``boundaries`` (per label, :func:`boundary_counts`).
 
   Args:
     initial: the state before the batch (the operation at step 0 depends on its z).

@@ -1,6 +1,6 @@
 """The boundary detector's non-linearity and its straight-through gradient (§3.3).
 
-Symbols (SPEC.md §1-3):
+Symbols (decisions.md §1-3):
 
 * ``x``      the boundary row of the fused pre-activation s^ℓ_t (its last row);
 * ``slope``  the slope a of the hard sigmoid, annealed during training;
@@ -82,7 +82,7 @@ def f_bound(x: jax.Array, slope: jax.Array | float, variant: str,
     variant: ``'step'`` (z = 1[ž > 0.5]), ``'sample'`` (z ~ Bernoulli(ž)) or ``'soft'``
       (z = ž, ordinary gradient).
     noise: for ``'sample'``, uniform [0, 1) noise broadcastable against ``x``; ``None``
-      means evaluation, where ``'sample'`` uses the step function (SPEC.md §1 decision).
+      means evaluation, where ``'sample'`` uses the step function (decisions.md §1 decision).
 
   Returns:
     z, same shape and dtype as ``x``.

@@ -1,4 +1,4 @@
-"""One HM-LSTM layer at one time step (Eq. 2-9 of the paper, SPEC.md §1).
+"""One HM-LSTM layer at one time step (Eq. 2-9 of the paper, decisions.md §1).
 
 Symbols → arguments:
 
@@ -11,7 +11,7 @@ The pre-activation has R = 4·d + 1 rows in the order f, i, o, g, ž (4·d on th
 which has no boundary detector). The choice of operation is an arithmetic blend over the
 masks FLUSH = z_prev, UPDATE = (1 − z_prev)·z_below, COPY = (1 − z_prev)·(1 − z_below),
 never a ``where``, so the straight-through gradient reaches the boundary detector through
-the choice of operation too (SPEC.md §2). With binary masks the blend is the selected
+the choice of operation too (decisions.md §2). With binary masks the blend is the selected
 branch bit for bit; on COPY, c and h are returned bit-identical.
 """
 from __future__ import annotations
@@ -35,11 +35,16 @@ def layer_norm(x: jax.Array, ln: Mapping[str, jax.Array]) -> jax.Array:
   return (x - mean) * jax.lax.rsqrt(var + LN_EPSILON) * ln["scale"] + ln["bias"]
 
 
+def layer_norm_params(size: int, gain: float = 1.0) -> dict:
+  """LN parameters of one normalised quantity: ``scale`` (γ) = ``gain``, ``bias`` (β) = 0."""
+  return {"scale": jnp.full((size,), gain, jnp.float32), "bias": jnp.zeros((size,), jnp.float32)}
+
+
 def normalized_term(projection: jax.Array, ln: Mapping[str, jax.Array] | None,
                     hidden_size: int) -> jax.Array:
   """One term of s^ℓ_t (Eq. 5, 6 or 7) with layer norm over its 4·d gate rows.
 
-  The ž row (row 4·d, absent on the last layer) is left unnormalised (SPEC.md §3).
+  The ž row (row 4·d, absent on the last layer) is left unnormalised (decisions.md §3).
 
   Args:
     projection: the term before normalisation, e.g. h_prev @ U, shape (..., R).
@@ -177,7 +182,7 @@ def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax
       h = (FLUSH + UPDATE)·(o⊙tanh(c)) + COPY·h_prev                        (Eq. 3)
       z = (1 − COPY)·f_bound(ž) + COPY·z_prev                              (Eq. 4, 8-9)
 
-  On COPY the boundary is copied (z = z_prev = 0; SPEC.md §1 decision). A pre-activation
+  On COPY the boundary is copied (z = z_prev = 0; decisions.md §1 decision). A pre-activation
   with 4·d rows (the last layer) has no detector: its z stays 0.
 
   Args:

@@ -1,6 +1,6 @@
 """The L-layer HM-LSTM: configuration, parameters, state, one step, and the scan over time.
 
-SPEC.md §1: layers ℓ = 1..L, h^0_t = x_t and z^0_t = 1. At each step the layers run bottom
+decisions.md §1: layers ℓ = 1..L, h^0_t = x_t and z^0_t = 1. At each step the layers run bottom
 to top: layer ℓ reads its own state at t-1, the layer below at t and the layer above at
 t-1 (:mod:`hmlstm_jax.cell` holds the per-layer equations). The last layer has no
 boundary detector and no top-down input; its z is 0 forever.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import cell
 
-# Codes of the operation table (SPEC.md §1), as returned by `operations`.
+# Codes of the operation table (decisions.md §1), as returned by `operations`.
 COPY, UPDATE, FLUSH = 0, 1, 2
 OPERATION_NAMES = ("COPY", "UPDATE", "FLUSH")
 MATMUL_DTYPES = (None, "float32", "bfloat16")
@@ -39,6 +39,9 @@ class HMLSTMConfig:
     boundary: f_bound of Eq. 8: ``'step'`` (default, the paper's best), ``'sample'`` or
       ``'soft'``.
     layer_norm: layer normalisation of each pre-activation term and of c inside the tanh.
+    ln_gain: the layer-norm gains γ at initialisation (Ba et al.: 1). Below 1 it tames the
+      growth of the layer-normalised HM-LSTM's gradient back in time (README, "Layer
+      normalisation and long sequences").
     matmul_dtype: ``None`` (matmuls in the inputs' dtype) or ``'bfloat16'``: the matmul
       operands in bf16 with float32 accumulation, everything else in float32 (for GPU, TPU
       and CPUs with bf16 units).
@@ -48,9 +51,12 @@ class HMLSTMConfig:
   boundary: str = "step"
   layer_norm: bool = False
   matmul_dtype: str | None = None
+  ln_gain: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
+    if not self.ln_gain > 0:
+      raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
     if not isinstance(self.input_size, int) or self.input_size < 1:
       raise ValueError(f"input_size must be a positive int, got {self.input_size!r}")
     if not self.layer_sizes or any(not isinstance(d, int) or d < 1 for d in self.layer_sizes):
@@ -102,7 +108,7 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
   * ``U_top`` (d_(ℓ+1), R_ℓ)  top-down U_(ℓ+1)ℓ, absent on the last layer;
   * ``b``     (R_ℓ,)          bias;
   * with layer norm, ``ln_W``, ``ln_U``, ``ln_U_top`` (each ``{'scale', 'bias'}`` of 4·d_ℓ)
-    and ``ln_c`` (d_ℓ): gains 1, biases 0.
+    and ``ln_c`` (d_ℓ): gains ``config.ln_gain``, biases 0.
 
   [decision] Matrices are N(0, 1/fan_in); the bias is 0 except the forget gate's, 1.
   """
@@ -117,7 +123,7 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
       p["U_top"] = _dense_init(k_top, config.layer_sizes[layer + 1], rows)
     p["b"] = jnp.zeros((rows,), jnp.float32).at[:d].set(1.0)
     if config.layer_norm:
-      gate_ln = lambda n: {"scale": jnp.ones((n,), jnp.float32), "bias": jnp.zeros((n,), jnp.float32)}
+      gate_ln = lambda n: cell.layer_norm_params(n, config.ln_gain)
       p["ln_W"], p["ln_U"] = gate_ln(4 * d), gate_ln(4 * d)
       if layer < L - 1:
         p["ln_U_top"] = gate_ln(4 * d)
@@ -127,7 +133,7 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
 
 
 def initial_state(config: HMLSTMConfig, batch_size: int, dtype=jnp.float32) -> State:
-  """h = c = 0 and z = 0 for every layer (SPEC.md §1 decision)."""
+  """h = c = 0 and z = 0 for every layer (decisions.md §1 decision)."""
   return tuple(
       LayerState(h=jnp.zeros((batch_size, d), dtype), c=jnp.zeros((batch_size, d), dtype),
                  z=jnp.zeros((batch_size, 1), dtype))
@@ -379,7 +385,7 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
 
 
 def operations(initial: State, outputs: UnrollOutputs) -> tuple[jax.Array, ...]:
-  """The operation of every layer at every step, read off the boundaries (SPEC.md §1 table).
+  """The operation of every layer at every step, read off the boundaries (decisions.md §1 table).
 
   op^ℓ_t = FLUSH if z^ℓ_{t-1} = 1, else UPDATE if z^(ℓ-1)_t = 1, else COPY, with
   z^0_t = 1 and z^ℓ_{-1} from ``initial``. For the ``'soft'`` variant z is rounded at 0.5.
@@ -396,7 +402,7 @@ def operations(initial: State, outputs: UnrollOutputs) -> tuple[jax.Array, ...]:
 
 
 def operation_counts(ops: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
-  """Counts of (COPY, UPDATE, FLUSH) per layer, (L, 3) int32 (SPEC.md §3 'update counts');
+  """Counts of (COPY, UPDATE, FLUSH) per layer, (L, 3) int32 (decisions.md §3 'update counts');
   with ``mask`` (T, B), only the steps where it is nonzero (padding left out)."""
   if mask is None:
     return jnp.stack([jnp.bincount(op.reshape(-1), length=3) for op in ops])

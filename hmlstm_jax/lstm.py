@@ -16,7 +16,8 @@ from hmlstm_jax import hmlstm
 
 def init_params(key: jax.Array, config: hmlstm.HMLSTMConfig) -> tuple[dict, ...]:
   """Per layer ``W`` (d_(ℓ-1), 4d), ``U`` (d, 4d), ``b`` (4d, forget bias 1), and with layer
-  norm ``ln_W``, ``ln_U`` (4d) and ``ln_c`` (d). Rows ordered f, i, o, g."""
+  norm ``ln_W``, ``ln_U`` (4d) and ``ln_c`` (d) with gains ``config.ln_gain``. Rows ordered
+  f, i, o, g."""
   params = []
   d_in = config.input_size
   for d in config.layer_sizes:
@@ -25,7 +26,7 @@ def init_params(key: jax.Array, config: hmlstm.HMLSTMConfig) -> tuple[dict, ...]
          "U": jax.random.normal(k_u, (d, 4 * d)) / jnp.sqrt(d),
          "b": jnp.zeros((4 * d,)).at[:d].set(1.0)}
     if config.layer_norm:
-      ln = lambda n: {"scale": jnp.ones((n,)), "bias": jnp.zeros((n,))}
+      ln = lambda n: cell.layer_norm_params(n, config.ln_gain)
       p.update(ln_W=ln(4 * d), ln_U=ln(4 * d), ln_c=ln(d))
     params.append(p)
     d_in = d

@@ -32,6 +32,7 @@ class RecurrentConfig:
     output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048; handwriting 400).
     boundary: ``'step'``, ``'sample'`` or ``'soft'``.
     layer_norm: layer normalisation in the HM-LSTM.
+    ln_gain: the layer-norm gains at initialisation (:class:`hmlstm.HMLSTMConfig`).
     matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
       (:class:`hmlstm.HMLSTMConfig`).
   """
@@ -42,6 +43,7 @@ class RecurrentConfig:
   boundary: str = setting("step", "Boundary function f_bound (Eq. 8): step, sample (Bernoulli) "
                           "or soft (hard sigmoid).", choices=("step", "sample", "soft"))
   layer_norm: bool = setting(False, "Layer normalisation (the paper's best results use it).")
+  ln_gain: float = setting(1.0, "Layer-norm gains at initialisation (Ba et al.: 1).")
   matmul_dtype: str | None = setting(
       None, "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).",
       choices={"float32": None, "bfloat16": "bfloat16"})
@@ -57,7 +59,7 @@ class RecurrentConfig:
     """The HM-LSTM (or LSTM stack) reading inputs of ``input_size``."""
     return hmlstm.HMLSTMConfig(input_size=input_size, layer_sizes=self.layer_sizes,
                                boundary=self.boundary, layer_norm=self.layer_norm,
-                               matmul_dtype=self.matmul_dtype)
+                               matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
   baseline, :func:`lstm.init_params`), ``output``
   (:func:`heads.init_output_module`), ``softmax`` (:func:`heads.init_softmax`).
 
-  The embedding is linear with no non-linearity (SPEC.md §3): row v is x_t for symbol v.
+  The embedding is linear with no non-linearity (decisions.md §3): row v is x_t for symbol v.
   """
   if config.vocab_size is None:
     raise ValueError("CharLMConfig.vocab_size is None: set it from the corpus "

@@ -1,7 +1,7 @@
-"""An independent NumPy (float64) HM-LSTM, written from SPEC.md §1-3, not from the JAX code.
+"""An independent NumPy (float64) HM-LSTM, written from decisions.md §1-3, not from the JAX code.
 
 For binary boundaries it applies the operation table with explicit if/else per batch
-element; for the soft variant it uses the blend of SPEC.md §2. Used only by the tests.
+element; for the soft variant it uses the blend of decisions.md §2. Used only by the tests.
 """
 import numpy as np
 

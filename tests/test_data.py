@@ -180,3 +180,20 @@ def test_real_ptb_char_files_read_as_the_paper_describes():
   labels = corpora.separator_labels(np.frombuffer(stream, np.uint8), corpora.WORD_SEPARATORS["ptb"])
   assert labels["word"].sum() == stream.count(b"_") + stream.count(b"\n")
   assert vocab.decode(vocab.encode(np.frombuffer(stream[:40], np.uint8))) == stream[:40].decode()
+
+
+def test_ptb_study_corpus_trains_on_the_test_file_and_halves_the_valid_file(tmp_path):
+  """The small-scale study's corpus from the real files: every line once, in order."""
+  corpus = corpora.load_corpus("ptb_study", data_dir=str(tmp_path / "tfds"), manual_dir=PTB_DIR)
+  texts = {}
+  for name in ("ptb.char.test.txt", "ptb.char.valid.txt"):
+    with open(os.path.join(PTB_DIR, name), "rb") as f:
+      texts[name] = corpora.read_ptb_char(f.read())
+  decoded = {s: corpus.vocab.decode(ids).encode() for s, ids in corpus.splits.items()}
+  assert decoded["train"] == texts["ptb.char.test.txt"]
+  assert decoded["validation"] + decoded["test"] == texts["ptb.char.valid.txt"]
+  lines = texts["ptb.char.valid.txt"].count(b"\n")
+  assert decoded["validation"].count(b"\n") == lines // 2
+  assert corpus.labels["test"]["word"].sum() == decoded["test"].count(b"_") + decoded["test"].count(b"\n")
+  with pytest.raises(FileNotFoundError, match="ptb.char.test.txt, ptb.char.valid.txt not in"):
+    corpora.load_corpus("ptb_study", data_dir=str(tmp_path / "tfds2"), manual_dir=str(tmp_path))

@@ -1,4 +1,5 @@
 """The L-layer HM-LSTM (hmlstm.py) against the NumPy reference and against itself."""
+import dataclasses
 import itertools
 
 import jax
@@ -206,6 +207,18 @@ def test_init_params_shapes_follow_the_paper():
   assert p[0]["ln_W"]["scale"].shape == (16,)  # gate rows only, not ž
   np.testing.assert_array_equal(p[1]["b"][:5], 1.0)  # forget-gate bias
   np.testing.assert_array_equal(p[1]["b"][5:], 0.0)
+  for layer in p:  # layer-norm gains 1 (Ba et al.), biases 0
+    for name in [n for n in layer if n.startswith("ln_")]:
+      np.testing.assert_array_equal(layer[name]["scale"], 1.0)
+      np.testing.assert_array_equal(layer[name]["bias"], 0.0)
+  half = H.init_params(jax.random.key(0), dataclasses.replace(config, ln_gain=0.5))
+  assert all(np.all(l[n]["scale"] == 0.5) for l in half for n in l if n.startswith("ln_"))
+  np.testing.assert_array_equal(half[1]["U"], p[1]["U"])  # only the gains differ
+  from hmlstm_jax import lstm  # the LSTM baseline reads the same setting
+  assert all(np.all(l[n]["scale"] == 0.5) for l in lstm.init_params(
+      jax.random.key(0), dataclasses.replace(config, ln_gain=0.5)) for n in l if n.startswith("ln_"))
+  with pytest.raises(ValueError, match="ln_gain must be positive"):
+    H.HMLSTMConfig(input_size=3, layer_sizes=(4,), ln_gain=0.0)
 
 
 @pytest.mark.parametrize("boundary,layer_norm",

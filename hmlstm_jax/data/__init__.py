@@ -4,7 +4,7 @@ from hmlstm_jax.data.batching import StreamBatcher
 from hmlstm_jax.data.corpus import Corpus
 from hmlstm_jax.data.corpus import Vocabulary
 
-DATASETS = ("synthetic", "ptb", "text8", "enwik8")
+DATASETS = ("synthetic", "ptb", "text8", "enwik8", "ptb_study")
 
 
 def load(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,

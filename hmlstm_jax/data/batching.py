@@ -1,4 +1,4 @@
-"""Truncated-BPTT batching (SPEC.md §4): contiguous streams, each row continuing the last.
+"""Truncated-BPTT batching (decisions.md §4): contiguous streams, each row continuing the last.
 
 The split (N symbols) is cut into ``batch_size`` contiguous streams of
 L = (N − 1) // batch_size symbols; batch k holds symbols [k·T, (k+1)·T) of every stream as

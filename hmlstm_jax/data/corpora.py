@@ -1,6 +1,6 @@
 """Text8, enwik8 and Penn Treebank (characters) as TFDS builders, and the loader that reads them.
 
-Each builder downloads its canonical archive (SPEC.md §4) or takes the one the user placed in
+Each builder downloads its canonical archive (decisions.md §4) or takes the one the user placed in
 the manual directory, checks its size, and writes the paper's three splits as array_record
 files (no TensorFlow needed) of consecutive chunks of the byte stream, in order
 (``disable_shuffling``). :func:`load_corpus` prepares a builder if needed and returns the
@@ -41,6 +41,7 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
   ARCHIVE_BYTES: int = 0  # the canonical archive's size, checked after download
   HOMEPAGE: str = ""
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Download the archive named in the error message into the manual directory."
+  VOCABULARY_SPLITS: tuple[str, ...] = ("train",)  # the splits whose symbols make the vocabulary
 
   def _info(self) -> tfds.core.DatasetInfo:
     return ordered_info(self, {"chunk": tfds.features.Tensor(shape=(None,), dtype=np.uint8)},
@@ -185,10 +186,44 @@ class PtbChar(CorpusBuilder):
     return out
 
 
-BUILDERS = {"text8": Text8, "enwik8": Enwik8, "ptb": PtbChar}
+class PtbCharStudy(CorpusBuilder):
+  """Penn Treebank characters without the training file: the small-scale study's corpus.
+
+  Reads Mikolov's ``ptb.char.test.txt`` and ``ptb.char.valid.txt`` (as they stand in
+  ``simple-examples.tgz``; this repository's tests and study use the copies in
+  ``../shared/data/ptb_char``) from the manual directory: trains on the test file, validates
+  on the first half of the valid file's lines and tests on the second half. For studies that
+  cannot have the 5 MB training file; its numbers are not the paper's PTB numbers.
+  """
+  HOMEPAGE = PtbChar.HOMEPAGE
+  FILES = ("ptb.char.test.txt", "ptb.char.valid.txt")
+  VOCABULARY_SPLITS = SPLITS  # the valid file has '*' and '4', the test file has not
+
+  def _split_generators(self, dl_manager):
+    manual = manual_dir(dl_manager)
+    missing = [f for f in self.FILES if not os.path.isfile(os.path.join(manual, f))]
+    if missing:
+      raise FileNotFoundError(
+          f"{self.name}: {', '.join(missing)} not in the manual directory {manual}; pass "
+          "--manual_dir=DIR with Mikolov's ptb.char.test.txt and ptb.char.valid.txt (this "
+          "repository's are in ../shared/data/ptb_char)")
+    texts = {}
+    for name in self.FILES:
+      path = os.path.join(manual, name)
+      logging.info("%s: using %s (sha256 %s)", self.name, path, sha256_of(path))
+      with open(path, encoding="ascii") as f:
+        texts[name] = [line for line in f.read().splitlines() if line.strip()]
+    valid = texts["ptb.char.valid.txt"]
+    halves = {"validation": valid[:len(valid) // 2], "test": valid[len(valid) // 2:]}
+    data = {"train": read_ptb_char("\n".join(texts["ptb.char.test.txt"])),
+            **{split: read_ptb_char("\n".join(lines)) for split, lines in halves.items()}}
+    return {split: self._generate_examples(data[split]) for split in SPLITS}
+
+
+BUILDERS = {"text8": Text8, "enwik8": Enwik8, "ptb": PtbChar, "ptb_study": PtbCharStudy}
 
 # Characters that end a word (and so where a first-layer boundary is expected) per corpus.
-WORD_SEPARATORS = {"text8": b" ", "enwik8": b" \n", "ptb": b"_\n"}
+WORD_SEPARATORS = {"text8": b" ", "enwik8": b" \n", "ptb": b"_\n", "ptb_study": b"_\n"}
 
 
 def read_split_bytes(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
@@ -197,7 +232,7 @@ def read_split_bytes(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarra
 
 
 def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> Corpus:
-  """Prepares (once) and loads ``name`` ∈ {'text8', 'enwik8', 'ptb'}.
+  """Prepares (once) and loads ``name`` ∈ {'text8', 'enwik8', 'ptb', 'ptb_study'}.
 
   Args:
     name: the corpus.
@@ -211,7 +246,7 @@ def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None =
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   raw = {split: read_split_bytes(builder, split) for split in SPLITS}
-  vocab = Vocabulary.from_bytes(raw["train"])
+  vocab = Vocabulary.from_bytes(np.concatenate([raw[s] for s in builder.VOCABULARY_SPLITS]))
   return Corpus(
       name=name, vocab=vocab,
       splits={s: vocab.encode(b, f"the {s} split of {name}") for s, b in raw.items()},

@@ -2,7 +2,7 @@
 sequences, and the embedded synthetic handwriting.
 
 A line of handwriting is a sequence of points (x, y, p): p = 1 on the last point of each
-stroke (the pen is lifted after it). [decision, SPEC §5] The model reads offsets from the
+stroke (the pen is lifted after it). [decision, decisions.md §5] The model reads offsets from the
 previous point (Graves 2013), so a new stroke starts with a large shift after a pen-up;
 offsets are normalised with the training split's mean and standard deviation of x and y.
 

@@ -13,7 +13,7 @@ from hmlstm_jax.training import steps
 class TrainConfig:
   """What the trainer needs of a run; an experiment's config nests it as its ``train`` field.
 
-  The paper's procedure (SPEC.md §4): Adam, global-norm clipping at ``clip_norm``, the
+  The paper's procedure (decisions.md §4): Adam, global-norm clipping at ``clip_norm``, the
   learning rate multiplied by ``lr_decay_factor`` (1/50) when the validation objective stops
   improving, slope annealing a = min(max_slope, 1 + slope_rate · epoch) (§3.3). Settings
   marked changeable may differ when a run resumes; the others must match the checkpoint's.

@@ -1,0 +1,144 @@
+r"""The small-scale study on real text: does our HM-LSTM learn as well as it can?
+
+    python -m experiments.study                  # every row, two seeds (~1 hour on 2 CPU cores)
+    python -m experiments.study --rows=paper,ln_gain --seeds=0
+
+Each row is the character-LM binary (``experiments.charlm``) with ``study.flags`` (HM-LSTM as
+the paper: layer norm, step function, slope annealing, at 3 × 128 units) and one change, on
+the ``ptb_study`` corpus: Penn Treebank characters, training on ``ptb.char.test.txt``,
+validation and test on the halves of ``ptb.char.valid.txt`` (the files in
+``../shared/data/ptb_char``). Every run is a real run in its own workdir
+(``<workdir>/<row>_seed<k>``): a rerun of the study skips finished runs and resumes
+interrupted ones. The study prints one table (also written to ``<workdir>/study.md``, with
+every run's numbers in ``study.json``): parameters, steps, validation and test BPC (mean and
+half the spread over the seeds), each layer's compute fraction (UPDATE or FLUSH) and the
+F1 of z¹ and z² against word ends (one step later, where a boundary is read).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: (name, what changes, flags on top of study.flags). The first row is the baseline.
+ROWS = (
+    ("lnlstm", "LayerNorm LSTM baseline, 3 × 150 (about the parameters of the HM-LSTM)",
+     ("--model=lstm", "--layer_sizes=150,150,150")),
+    ("paper", "HM-LSTM as the paper: layer norm, step, a = min(5, 1 + 0.04 epoch)", ()),
+    ("no_ln", "without layer norm", ("--layer_norm=false",)),
+    ("sample", "sampled boundaries (Bernoulli)", ("--boundary=sample",)),
+    ("soft", "soft boundaries (the hard sigmoid itself)", ("--boundary=soft",)),
+    ("fast_slope", "faster slope schedule: a = min(5, 1 + epoch)", ("--slope_rate=1",)),
+    ("ln_gain", "layer-norm gains 0.5 at initialisation", ("--ln_gain=0.5",)),
+    ("lnlstm_ln_gain", "LayerNorm LSTM baseline, gains 0.5 at initialisation",
+     ("--model=lstm", "--layer_sizes=150,150,150", "--ln_gain=0.5")),
+)
+ROW_NAMES = tuple(name for name, _, _ in ROWS)
+QUICK = ("--layer_sizes=8,8,8", "--output_size=8", "--embed_size=8", "--num_epochs=0.02",
+         "--eval_every=1000", "--batch_size=8", "--eval_batch_size=64")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("rows", ",".join(ROW_NAMES), f"Rows to run, from {', '.join(ROW_NAMES)}.")
+flags.DEFINE_list("seeds", "0,1", "Seeds (--seed of each run); the table gives mean and spread.")
+flags.DEFINE_string("workdir", "workdirs/study", "Where the runs and the table go.")
+flags.DEFINE_string("manual_dir", os.path.join(ROOT, "..", "shared", "data", "ptb_char"),
+                    "Directory with ptb.char.test.txt and ptb.char.valid.txt.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
+flags.DEFINE_bool("quick", False, "Tiny models and runs (a smoke test of the study itself).")
+
+
+def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
+  """One run of the binary (resumed if its workdir has checkpoints); its results.json."""
+  results = os.path.join(workdir, "results.json")
+  if not os.path.exists(results):
+    argv = [sys.executable, "-m", "experiments.charlm", "--flagfile=study.flags",
+            f"--manual_dir={FLAGS.manual_dir}", f"--workdir={workdir}", f"--seed={seed}",
+            *extra, *(QUICK if FLAGS.quick else ())]
+    if FLAGS.data_dir:
+      argv.append(f"--data_dir={FLAGS.data_dir}")
+    os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+    with open(workdir + ".log", "w") as log:
+      status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+      sys.exit(f"row {name}, seed {seed}: the run failed (exit {status}); see {workdir}.log, "
+               "then run the study again to resume")
+  with open(results) as f:
+    return json.load(f)
+
+
+def summary(runs: list[dict]) -> dict:
+  """One row's figures over its seeds: mean and half the spread (max − min) / 2."""
+  def stat(values):
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float((values.max() - values.min()) / 2)
+  out = {"parameters": runs[0]["parameters"], "steps": runs[0]["steps"], "seeds": len(runs),
+         "valid_bpc": stat([r["valid"]["bpc"] for r in runs]),
+         "test_bpc": stat([r["test"]["bpc"] for r in runs])}
+  if "op_counts" in runs[0]["test"]:
+    counts = np.asarray([r["test"]["op_counts"] for r in runs], np.float64)  # seeds, layers, ops
+    out["compute"] = (counts[..., 1:].sum(-1) / counts.sum(-1)).mean(0).tolist()  # UPDATE+FLUSH
+    f1 = np.asarray([[layer[2] for layer in r["test"]["boundaries"]["word+1"]] for r in runs])
+    out["f1_word"] = f1.mean(0)[:2].tolist()  # z1, z2
+  return out
+
+
+def table(rows: list[tuple[str, str, dict]]) -> str:
+  """The study's table in Markdown."""
+  lines = ["| row | change | parameters | steps | valid BPC | test BPC | compute per layer | "
+           "F1 z¹, z² vs word ends |", "|---|---|---|---|---|---|---|---|"]
+  for name, what, s in rows:
+    compute = " / ".join(f"{c:.0%}" for c in s["compute"]) if "compute" in s else "100% each"
+    f1 = " / ".join(f"{v:.2f}" for v in s["f1_word"]) if "f1_word" in s else "—"
+    lines.append(f"| {name} | {what} | {s['parameters']:,} | {s['steps']} | "
+                 f"{s['valid_bpc'][0]:.3f} ± {s['valid_bpc'][1]:.3f} | "
+                 f"{s['test_bpc'][0]:.3f} ± {s['test_bpc'][1]:.3f} | {compute} | {f1} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(FLAGS.rows) - set(ROW_NAMES))
+  if unknown:
+    raise app.UsageError(f"unknown rows {unknown}; choose from {', '.join(ROW_NAMES)}")
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise app.UsageError(f"--seeds must be integers, got {FLAGS.seeds}") from None
+  if not seeds:
+    raise app.UsageError("--seeds is empty")
+  missing = [f for f in ("ptb.char.test.txt", "ptb.char.valid.txt")
+             if not os.path.isfile(os.path.join(FLAGS.manual_dir, f))]
+  if missing:
+    raise app.UsageError(f"{', '.join(missing)} not in --manual_dir={FLAGS.manual_dir}")
+  rows, every_run = [], {}
+  chosen = [row for row in ROWS if row[0] in FLAGS.rows]
+  total, done, start = len(chosen) * len(seeds), 0, time.time()
+  for name, what, extra in chosen:
+    runs = []
+    for seed in seeds:
+      run_start = time.time()
+      runs.append(run_one(name, extra, seed, os.path.join(FLAGS.workdir, f"{name}_seed{seed}")))
+      done += 1
+      print(f"[{done}/{total}] {name} seed {seed}: test BPC {runs[-1]['test']['bpc']:.4f} "
+            f"({time.time() - run_start:.0f} s; {time.time() - start:.0f} s in all)", flush=True)
+    every_run[name] = runs
+    rows.append((name, what, summary(runs)))
+  text = table(rows)
+  print(text)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, "study.md"), "w") as f:
+    f.write(text + "\n")
+  with open(os.path.join(FLAGS.workdir, "study.json"), "w") as f:
+    json.dump({"rows": {n: s for n, _, s in rows}, "runs": every_run}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

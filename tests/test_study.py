@@ -1,0 +1,49 @@
+"""The small-scale study's runner (experiments/study.py) on tiny models: real runs of the binary."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from conftest import SHARED_DATA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _study(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "experiments.study", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, XLA_FLAGS=""))
+
+
+def test_quick_study_runs_the_binary_per_row_and_prints_one_table(tmp_path):
+  work = str(tmp_path / "study")
+  args = ("--quick", "--rows=lnlstm,paper", "--seeds=0", f"--workdir={work}",
+          f"--manual_dir={os.path.join(SHARED_DATA, 'ptb_char')}", f"--data_dir={tmp_path / 'tfds'}")
+  result = _study(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [l for l in result.stdout.splitlines() if l.startswith("| lnlstm") or l.startswith("| paper")]
+  assert len(rows) == 2
+  saved = json.load(open(os.path.join(work, "study.json")))
+  for name in ("lnlstm", "paper"):
+    run = saved["runs"][name][0]
+    assert saved["rows"][name]["test_bpc"][0] == run["test"]["bpc"]  # one seed: its own number
+    assert run["parameters"] > 0 and run["steps"] > 0
+  paper = saved["rows"]["paper"]
+  assert len(paper["compute"]) == 3 and paper["compute"][0] == 1.0  # layer 1 computes every step
+  assert "compute" not in saved["rows"]["lnlstm"]
+  assert open(os.path.join(work, "study.md")).read().strip() in result.stdout
+  start = time.time()  # a rerun reads the finished runs instead of training again
+  again = _study(*args)
+  assert again.returncode == 0 and time.time() - start < 60
+  assert [l for l in again.stdout.splitlines() if l.startswith("|")] == \
+         [l for l in result.stdout.splitlines() if l.startswith("|")]
+
+
+def test_bad_rows_and_missing_files_are_one_clear_error(tmp_path):
+  bad = _study("--rows=paper,nonsense", f"--workdir={tmp_path}", timeout=120)
+  assert bad.returncode != 0 and "unknown rows ['nonsense']" in bad.stderr
+  assert "Traceback" not in bad.stderr
+  missing = _study(f"--manual_dir={tmp_path}", f"--workdir={tmp_path}", timeout=120)
+  assert missing.returncode != 0 and "ptb.char.test.txt, ptb.char.valid.txt not in" in missing.stderr
+  assert "Traceback" not in missing.stderr
