@@ -40,6 +40,8 @@ ROWS = (
     ("ln_gain", "layer-norm gains 0.5 at initialisation", ("--ln_gain=0.5",)),
     ("lnlstm_ln_gain", "LayerNorm LSTM baseline, gains 0.5 at initialisation",
      ("--model=lstm", "--layer_sizes=150,150,150", "--ln_gain=0.5")),
+    ("rare_boundaries", "boundary rows' bias −1 at initialisation (boundaries start rare)",
+     ("--boundary_bias=-1",)),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 QUICK = ("--layer_sizes=8,8,8", "--output_size=8", "--embed_size=8", "--num_epochs=0.02",

@@ -42,6 +42,9 @@ class HMLSTMConfig:
     ln_gain: the layer-norm gains γ at initialisation (Ba et al.: 1). Below 1 it tames the
       growth of the layer-normalised HM-LSTM's gradient back in time (README, "Layer
       normalisation and long sequences").
+    boundary_bias: the initial bias of the boundary rows ž (0: with the step function a
+      boundary fires when the rest of the pre-activation is positive, about half the time at
+      initialisation; negative: boundaries start rare).
     matmul_dtype: ``None`` (matmuls in the inputs' dtype) or ``'bfloat16'``: the matmul
       operands in bf16 with float32 accumulation, everything else in float32 (for GPU, TPU
       and CPUs with bf16 units).
@@ -52,6 +55,7 @@ class HMLSTMConfig:
   layer_norm: bool = False
   matmul_dtype: str | None = None
   ln_gain: float = 1.0
+  boundary_bias: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
@@ -110,7 +114,8 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
   * with layer norm, ``ln_W``, ``ln_U``, ``ln_U_top`` (each ``{'scale', 'bias'}`` of 4·d_ℓ)
     and ``ln_c`` (d_ℓ): gains ``config.ln_gain``, biases 0.
 
-  [decision] Matrices are N(0, 1/fan_in); the bias is 0 except the forget gate's, 1.
+  [decision] Matrices are N(0, 1/fan_in); the bias is 0 except the forget gate's, 1, and the
+  boundary row's, ``config.boundary_bias`` (0 by default).
   """
   params = []
   L = config.num_layers
@@ -121,7 +126,7 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
     p = {"W": _dense_init(k_w, d_below, rows), "U": _dense_init(k_u, d, rows)}
     if layer < L - 1:
       p["U_top"] = _dense_init(k_top, config.layer_sizes[layer + 1], rows)
-    p["b"] = jnp.zeros((rows,), jnp.float32).at[:d].set(1.0)
+    p["b"] = jnp.zeros((rows,), jnp.float32).at[:d].set(1.0).at[4 * d:].set(config.boundary_bias)
     if config.layer_norm:
       gate_ln = lambda n: cell.layer_norm_params(n, config.ln_gain)
       p["ln_W"], p["ln_U"] = gate_ln(4 * d), gate_ln(4 * d)

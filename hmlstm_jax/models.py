@@ -32,7 +32,8 @@ class RecurrentConfig:
     output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048; handwriting 400).
     boundary: ``'step'``, ``'sample'`` or ``'soft'``.
     layer_norm: layer normalisation in the HM-LSTM.
-    ln_gain: the layer-norm gains at initialisation (:class:`hmlstm.HMLSTMConfig`).
+    ln_gain, boundary_bias: the layer-norm gains and the boundary rows' bias at
+      initialisation (:class:`hmlstm.HMLSTMConfig`).
     matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
       (:class:`hmlstm.HMLSTMConfig`).
   """
@@ -44,6 +45,8 @@ class RecurrentConfig:
                           "or soft (hard sigmoid).", choices=("step", "sample", "soft"))
   layer_norm: bool = setting(False, "Layer normalisation (the paper's best results use it).")
   ln_gain: float = setting(1.0, "Layer-norm gains at initialisation (Ba et al.: 1).")
+  boundary_bias: float = setting(0.0, "Initial bias of the boundary detectors' rows (0: about "
+                                 "half the steps end a segment at first; negative: fewer).")
   matmul_dtype: str | None = setting(
       None, "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).",
       choices={"float32": None, "bfloat16": "bfloat16"})
@@ -59,7 +62,8 @@ class RecurrentConfig:
     """The HM-LSTM (or LSTM stack) reading inputs of ``input_size``."""
     return hmlstm.HMLSTMConfig(input_size=input_size, layer_sizes=self.layer_sizes,
                                boundary=self.boundary, layer_norm=self.layer_norm,
-                               matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain)
+                               matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain,
+                               boundary_bias=self.boundary_bias)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,6 +217,10 @@ def test_init_params_shapes_follow_the_paper():
   from hmlstm_jax import lstm  # the LSTM baseline reads the same setting
   assert all(np.all(l[n]["scale"] == 0.5) for l in lstm.init_params(
       jax.random.key(0), dataclasses.replace(config, ln_gain=0.5)) for n in l if n.startswith("ln_"))
+  rare = H.init_params(jax.random.key(0), dataclasses.replace(config, boundary_bias=-2.0))
+  assert rare[0]["b"][16] == rare[1]["b"][20] == -2.0 and p[0]["b"][16] == 0.0  # the ž rows
+  np.testing.assert_array_equal(rare[0]["b"][:16], p[0]["b"][:16])
+  np.testing.assert_array_equal(rare[2]["b"], p[2]["b"])  # the last layer has no ž row
   with pytest.raises(ValueError, match="ln_gain must be positive"):
     H.HMLSTMConfig(input_size=3, layer_sizes=(4,), ln_gain=0.0)
 
