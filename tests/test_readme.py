@@ -38,15 +38,18 @@ def test_readme_trainer_example_trains_a_model_of_its_own(tmp_path):
 
 
 def test_readme_layer_norm_gradient_reach_example_shows_what_it_says(tmp_path):
-  """The third example: with layer norm the gradient grows going back in time, without it not."""
+  """With layer norm the gradient grows going back in time, without it not; gains 0.5 slow it."""
   example = _example("def reach(")
   script = tmp_path / "reach.py"
   script.write_text(example)
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT))
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = dict(re.findall(r"layer_norm=(True|False): (.*)", result.stdout))
-  plain, normalised = ([float(v) for v in rows[k].split()] for k in ("False", "True"))
-  assert len(plain) == len(normalised) == 10
+  rows = {k: [float(v) for v in row.split()]
+          for k, row in re.findall(r"(layer_norm=\w+ ln_gain=[\d.]+): (.*)", result.stdout)}
+  plain, normalised, half = (rows[f"layer_norm={ln} ln_gain={g}"]
+                             for ln, g in (("False", 1.0), ("True", 1.0), ("True", 0.5)))
+  assert len(plain) == len(normalised) == len(half) == 10
   assert max(plain[1:]) < 10 * plain[0]       # without layer norm: no growth back in time
   assert normalised[-1] > 1e6 * normalised[0]  # with it: many orders of magnitude
+  assert half[-1] < 1e-3 * normalised[-1]      # gains 0.5 slow it by orders of magnitude
