@@ -173,8 +173,7 @@ class Handwriting(Experiment):
 
   def report(self, params, slope, workdir):
     """Fig. 5 on the first validation sequence and generated handwriting (PNGs)."""
-    c, lines = self.config, []
-    out = {"normalizer": dataclasses.asdict(self.normalizer)}  # also in every checkpoint's record
+    c, out, lines = self.config, {}, []
     sequence = self.sequences["validation"][0]
     if self.model.model == "hmlstm":
       z = report.boundaries(params, self.model, sequence, slope)

@@ -116,7 +116,8 @@ def main(argv):
     raise app.UsageError(f"--seeds must be integers, got {FLAGS.seeds}") from None
   if not seeds:
     raise app.UsageError("--seeds is empty")
-  missing = [f for f in ("ptb.char.test.txt", "ptb.char.valid.txt")
+  from hmlstm_jax.data import corpora  # the files its builder reads; imports TFDS
+  missing = [f for f in corpora.PtbCharStudy.FILES
              if not os.path.isfile(os.path.join(FLAGS.manual_dir, f))]
   if missing:
     raise app.UsageError(f"{', '.join(missing)} not in --manual_dir={FLAGS.manual_dir}")

@@ -61,9 +61,10 @@ def test_iam_ondb_end_to_end_on_a_small_archive_in_the_real_layout(tmp_path):
   data = iam_ondb.load_iam_ondb(str(tmp_path / "tfds"))  # prepared: no manual files needed
   assert result["test"]["points"] == sum(len(p) - 1 for p in data.splits["test"])
   saved = json.load(open(os.path.join(tmp_path / "run", "results.json")))
-  assert saved["normalizer"] == {"mean": list(data.normalizer.mean), "std": list(data.normalizer.std)}
+  assert saved["data"]["normalizer"] == {"mean": list(data.normalizer.mean),
+                                         "std": list(data.normalizer.std)}
   records = glob.glob(os.path.join(tmp_path / "run", "checkpoints", "*", "meta", "metadata"))
-  assert records and all(json.load(open(r))["data"]["normalizer"] == saved["normalizer"] for r in records)
+  assert records and all(json.load(open(r))["data"] == saved["data"] for r in records)
   with pytest.raises(ValueError, match="keeps only lines of 300 points"):
     settings.replace(handwriting.Config(), dataset="iam_ondb", min_length=200)
 

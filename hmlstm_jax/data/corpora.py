@@ -49,7 +49,7 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _archive_path(self, dl_manager) -> str:
     """The archive in the manual directory, else downloaded from ``URL``; clear error otherwise."""
-    manual = manual_dir(dl_manager)
+    manual = manual_dir_of(dl_manager)
     if os.path.exists(os.path.join(manual, self.ARCHIVE)):
       path = os.path.join(manual, self.ARCHIVE)
       logging.info("%s: using %s (sha256 %s)", self.name, path, sha256_of(path))
@@ -100,7 +100,7 @@ def ordered_info(builder, features: dict, homepage: str, **kwargs) -> tfds.core.
       homepage=homepage, **kwargs)
 
 
-def manual_dir(dl_manager) -> str:
+def manual_dir_of(dl_manager) -> str:
   """The manual directory, whether or not it exists yet (TFDS asserts on a missing one)."""
   try:
     return os.fspath(dl_manager.manual_dir)
@@ -200,7 +200,7 @@ class PtbCharStudy(CorpusBuilder):
   VOCABULARY_SPLITS = SPLITS  # the valid file has '*' and '4', the test file has not
 
   def _split_generators(self, dl_manager):
-    manual = manual_dir(dl_manager)
+    manual = manual_dir_of(dl_manager)
     missing = [f for f in self.FILES if not os.path.isfile(os.path.join(manual, f))]
     if missing:
       raise FileNotFoundError(

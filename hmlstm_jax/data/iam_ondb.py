@@ -118,7 +118,7 @@ class IamOndb(tfds.core.GeneratorBasedBuilder):
         PAGE, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    manual = corpora.manual_dir(dl_manager)
+    manual = corpora.manual_dir_of(dl_manager)
     missing = [f for f in required_files() if not os.path.isfile(os.path.join(manual, f))]
     if missing:
       raise FileNotFoundError(missing_files_message(manual, missing))

@@ -63,7 +63,8 @@ class Data:
     items_per_batch: items of one global training batch (characters, points), for throughput.
     item_name: what an item is, e.g. ``'tokens'``.
     metadata: what a checkpoint must carry to be used on its own (JSON), e.g. the statistics
-      that normalised the inputs; stored in every checkpoint's record under ``'data'``.
+      that normalised the inputs; stored in every checkpoint's record and in ``results.json``
+      under ``'data'``.
   """
   train: Batches
   evals: dict[str, Batches]

@@ -19,6 +19,7 @@ another mesh. Measured on one CPU device, the trainer's loop runs at the bare st
 from __future__ import annotations
 
 import functools
+
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding

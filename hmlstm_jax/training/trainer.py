@@ -300,7 +300,8 @@ class Run:
     for split in ("validation", "test"):
       lines += self.experiment.summary_lines(split, results[split])
     out = {"valid": results["validation"], "test": results["test"], "best_step": best,
-           "steps": self.step, "parameters": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))}
+           "steps": self.step, "data": dict(self.data.metadata),
+           "parameters": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))}
     if distributed.is_primary():  # figures and samples: one process's work and files
       extra, extra_lines = self.experiment.report(self.mapped.local_copy(params), slope,
                                                   self.workdir.path)
