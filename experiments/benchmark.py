@@ -28,7 +28,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import charlm
+from experiments import hlo
 import hmlstm_jax as hm
 from hmlstm_jax import files
 from hmlstm_jax.training import TrainConfig
@@ -70,6 +70,9 @@ SHAPES = {
     "quick": Shape("quick", batch=8, steps=20, layer_sizes=(32, 32, 32), output_size=32, vocab=20, embed=16),
 }
 
+
+#: Side of the square float32 matmul whose rate stands for the machine's (4096³: 137 GFLOP).
+LARGE_MATMUL = 4096
 
 # ----------------------------------------------------------------------------- FLOP counts
 
@@ -170,48 +173,6 @@ def make_lstm_step(shape: Shape, dtype: str | None = None):
 # ----------------------------------------------------------------------------- measurement
 
 
-def loop_matmul_counts(hlo_text: str) -> list[int]:
-  """Matmuls per iteration of each ``while`` loop in a compiled HLO module, in program order.
-
-  Counts ``dot`` and matmul custom-calls in each loop body, following the computations it
-  calls (fusions, nested calls). For a training step the forward scan comes first and the
-  backward scan second.
-  """
-  computations: dict[str, list[str]] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)  # computations start unindented
-    if header:
-      current = header.group(1)
-      computations[current] = []
-    elif current is not None and line.strip() == "}":
-      current = None
-    elif current is not None:
-      computations[current].append(line)
-
-  def count(name: str, seen: frozenset = frozenset()) -> int:
-    if name in seen or name not in computations:
-      return 0
-    total = 0
-    for line in computations[name]:
-      if re.search(r"\s(dot|convolution)\(", line) or re.search(r'custom_call_target="[^"]*(matmul|gemm|dot)', line, re.I):
-        total += 1
-      for callee in re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line):
-        if "while(" in line:
-          continue  # nested loops are reported on their own
-        total += count(callee, seen | {name})
-    return total
-
-  bodies = []
-  for name, lines in computations.items():
-    for line in lines:
-      if " while(" in line:
-        body = re.search(r"body=%?([\w.\-]+)", line)
-        if body:
-          bodies.append(body.group(1))
-  return [count(b) for b in bodies]
-
-
 def matmul_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
   """GFLOP/s of this machine for an (m, k) @ (k, n) float32 matmul, chained inside one jit."""
   a = jax.random.normal(jax.random.key(0), (m, k))
@@ -240,18 +201,22 @@ def _peak_bytes(memory) -> int:
                   + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
+def _compile(make: Callable, shape: Shape):
+  """One model's step compiled at ``shape``: (compiled, its first state, the batch's
+  arguments, compile seconds)."""
+  (params, opt_state, state), step = make(shape)
+  tokens = jax.random.randint(jax.random.key(1), (shape.batch, shape.steps + 1), 0, shape.vocab)
+  batch = (tokens[:, :-1], tokens[:, 1:], jnp.float32(1.0))
+  t0 = time.perf_counter()
+  compiled = step.lower(params, opt_state, state, *batch).compile()
+  return compiled, (params, opt_state, state), batch, time.perf_counter() - t0
+
+
 def time_step(make: Callable, shape: Shape, warmup: int, iters: int) -> dict:
   """Compiles and times one model's train step; returns its figures."""
-  (params, opt_state, state), step = make(shape)
-  key = jax.random.key(1)
-  tokens = jax.random.randint(key, (shape.batch, shape.steps + 1), 0, shape.vocab)
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  slope = jnp.float32(1.0)
-  t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, state, inputs, targets, slope).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, (params, opt_state, state), (inputs, targets, slope), compile_s = _compile(make, shape)
   memory = compiled.memory_analysis()
-  loops = loop_matmul_counts(compiled.as_text())
+  loops = hlo.loop_matmul_counts(compiled.as_text())
   times = []
   for i in range(warmup + iters):
     t0 = time.perf_counter()
@@ -293,6 +258,17 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
   d, L = shape.layer_sizes, len(shape.layer_sizes)
   middle = 1 if L > 2 else 0
   fused_k = d[middle - 1 if middle else 0] + d[middle] + (d[middle + 1] if middle < L - 1 else 0)
+  large = LARGE_MATMUL if shape.name != "quick" else 256
+  rates = {
+      f"{large}^3 (the machine)": matmul_rate(large, large, large, repeats=1),
+      f"{shape.batch}x{fused_k}@{fused_k}x{4 * d[middle] + 1} (fused step)":
+          matmul_rate(shape.batch, fused_k, 4 * d[middle] + 1),
+      f"{shape.batch * shape.steps}x{d[0]}@{d[0]}x{4 * d[0] + 1} (all steps)":
+          matmul_rate(shape.batch * shape.steps, d[0], 4 * d[0] + 1, repeats=4),
+  }
+  machine = next(iter(rates.values()))
+  for res in (hm_res, autodiff_res, lstm_res):
+    res["fraction_of_machine"] = res["achieved_gflops"] / machine
   return {
       "shape": dataclasses.asdict(shape),
       "layer_norm": layer_norm,
@@ -303,19 +279,41 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
       "lstm": lstm_res,
       "flop_ratio": hm_flops / lstm_flops,
       "time_ratio": hm_res["median_s"] / lstm_res["median_s"],
-      "machine_matmul_gflops": {
-          f"{shape.batch}x{fused_k}@{fused_k}x{4 * d[middle] + 1} (fused step)":
-              matmul_rate(shape.batch, fused_k, 4 * d[middle] + 1),
-          f"{shape.batch * shape.steps}x{d[0]}@{d[0]}x{4 * d[0] + 1} (all steps)":
-              matmul_rate(shape.batch * shape.steps, d[0], 4 * d[0] + 1, repeats=4),
-      },
+      "machine_matmul_gflops": rates,
   }
+
+
+def profile_models(shape: Shape, runs: int = 3, layer_norm: bool = False,
+                   dtype: str | None = None) -> dict:
+  """Where each model's step time goes at ``shape`` (:func:`hlo.profile`), in this process."""
+  record = {"shape": dataclasses.asdict(shape), "layer_norm": layer_norm,
+            "dtype": dtype or "float32",
+            "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
+  for name, make in (("hmlstm", lambda s: make_hmlstm_step(s, layer_norm, dtype)),
+                     ("lstm", lambda s: make_lstm_step(s, dtype))):
+    compiled, carry, batch, _ = _compile(make, shape)
+
+    def one_step():
+      nonlocal carry
+      *new, loss = compiled(*carry, *batch)
+      loss.block_until_ready()
+      carry = tuple(new)
+
+    one_step()  # warm-up, outside the trace
+    record[name] = hlo.profile(one_step, compiled.as_text(), runs)
+  return record
+
+
+def format_profiles(record: dict) -> str:
+  """Both models' breakdowns (:func:`hlo.format_profile`), one above the other."""
+  return "\n\n".join(hlo.format_profile(f"{record['shape']['name']} {model}", record[model])
+                      for model in ("hmlstm", "lstm"))
 
 
 def format_table(records: Sequence[dict]) -> str:
   """A plain-text table of :func:`run` records."""
   head = (f"{'shape':<7}{'model':<9}{'median s':>10}{'min s':>9}{'tok/s':>10}{'compile s':>11}"
-          f"{'GFLOP':>9}{'GFLOP/s':>9}{'peak MB':>9}  loop matmuls/step")
+          f"{'GFLOP':>9}{'GFLOP/s':>9}{'machine':>8}{'peak MB':>9}  loop matmuls/step")
   lines = [head, "-" * len(head)]
   for r in records:
     for model, label in (("hmlstm", "hmlstm"), ("hmlstm_autodiff", "hm-autod"), ("lstm", "lstm")):
@@ -323,7 +321,8 @@ def format_table(records: Sequence[dict]) -> str:
       lines.append(
           f"{r['shape']['name']:<7}{label:<9}{m['median_s']:>10.4f}{m['min_s']:>9.4f}"
           f"{m['tokens_per_s']:>10.0f}{m['compile_s']:>11.1f}{m['step_gflop']:>9.2f}"
-          f"{m['achieved_gflops']:>9.1f}{m['peak_memory_mb']:>9.1f}  {m['loop_matmuls_per_step']}")
+          f"{m['achieved_gflops']:>9.1f}{m['fraction_of_machine']:>8.0%}{m['peak_memory_mb']:>9.1f}"
+          f"  {m['loop_matmuls_per_step']}")
     rates = ", ".join(f"{k}: {v:.1f}" for k, v in r["machine_matmul_gflops"].items())
     lines.append(f"{'':<7}{r['dtype']}, layer norm {r['layer_norm']}. HM-LSTM / LSTM: time {r['time_ratio']:.2f}x, FLOPs {r['flop_ratio']:.2f}x; "
                  f"machine matmul GFLOP/s {rates}")
@@ -442,13 +441,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module (the tests,
   other binaries) adds nothing to the global flag registry."""
-  flags.DEFINE_enum("mode", "models", ["models", "loop"],
-                    "models: the HM-LSTM and LSTM steps; loop: the trainer's loop against the bare "
+  flags.DEFINE_enum("mode", "models", ["models", "profile", "loop"],
+                    "models: the HM-LSTM and LSTM steps; profile: where each step's time goes "
+                    "(JAX's profiler, by category); loop: the trainer's loop against the bare "
                     "step.")
   flags.DEFINE_bool("quick", False, "Run only the small 'quick' shape (seconds; for CI and smoke tests).")
   flags.DEFINE_list("shapes", ["ptb", "text8"], f"Shapes to time, from {sorted(SHAPES)}.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   flags.DEFINE_integer("iters", 5, "Timed steps per model; the median and minimum are reported.")
+  flags.DEFINE_integer("profile_runs", 3, "--mode=profile: traced steps per model (averaged).")
   flags.DEFINE_integer("rounds", 3, "--mode=loop: alternating rounds of each.")
   flags.DEFINE_integer("round_steps", 10, "--mode=loop: steps per round.")
   flags.DEFINE_integer("log_every", 5, "--mode=loop: the trainer's progress-line cadence.")
@@ -474,9 +475,13 @@ def main(argv):
     if FLAGS.mode == "loop":
       records.append(time_trainer_loop(SHAPES[name], FLAGS.rounds, FLAGS.round_steps,
                                        FLAGS.log_every, FLAGS.layer_norm, dtype))
+    elif FLAGS.mode == "profile":
+      records.append(profile_models(SHAPES[name], FLAGS.profile_runs, FLAGS.layer_norm, dtype))
     else:
       records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype))
-  print("\n".join(map(format_loop, records)) if FLAGS.mode == "loop" else format_table(records))
+  formats = {"loop": lambda rs: "\n".join(map(format_loop, rs)),
+             "profile": lambda rs: "\n\n".join(map(format_profiles, rs)), "models": format_table}
+  print(formats[FLAGS.mode](records))
   text = json.dumps(records, indent=1)
   print(text)
   if FLAGS.json_out:

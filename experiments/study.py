@@ -42,6 +42,12 @@ ROWS = (
      ("--model=lstm", "--layer_sizes=150,150,150", "--ln_gain=0.5")),
     ("rare_boundaries", "boundary rows' bias −1 at initialisation (boundaries start rare)",
      ("--boundary_bias=-1",)),
+    ("ln_boundary", "boundary rows layer-normalised too (own gain and bias)",
+     ("--ln_boundary=true",)),
+    ("top_head", "softmax on the top layer alone (no output module, Eq. 11-12)",
+     ("--output_head=top",)),
+    ("lnlstm_top_head", "LayerNorm LSTM baseline, softmax on the top layer alone",
+     ("--model=lstm", "--layer_sizes=150,150,150", "--output_head=top")),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 QUICK = ("--layer_sizes=8,8,8", "--output_size=8", "--embed_size=8", "--num_epochs=0.02",

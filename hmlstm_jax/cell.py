@@ -30,9 +30,14 @@ LN_EPSILON = 1e-5
 
 def layer_norm(x: jax.Array, ln: Mapping[str, jax.Array]) -> jax.Array:
   """LN(x) = gain ⊙ (x − mean(x)) / sqrt(var(x) + ε) + bias over the last axis (Ba et al.)."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + LN_EPSILON) * ln["scale"] + ln["bias"]
+  return standardize(x, x) * ln["scale"] + ln["bias"]
+
+
+def standardize(x: jax.Array, stats_of: jax.Array) -> jax.Array:
+  """(x − mean) / sqrt(var + ε) with the mean and variance of ``stats_of`` over its last axis."""
+  mean = jnp.mean(stats_of, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(stats_of - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LN_EPSILON)
 
 
 def layer_norm_params(size: int, gain: float = 1.0) -> dict:
@@ -44,17 +49,23 @@ def normalized_term(projection: jax.Array, ln: Mapping[str, jax.Array] | None,
                     hidden_size: int) -> jax.Array:
   """One term of s^ℓ_t (Eq. 5, 6 or 7) with layer norm over its 4·d gate rows.
 
-  The ž row (row 4·d, absent on the last layer) is left unnormalised (decisions.md §3).
+  The statistics are always those of the 4·d gate rows. The ž row (row 4·d, absent on the
+  last layer) is left unnormalised when ``ln`` has 4·d entries (the default, decisions.md §3);
+  when it has 4·d + 1 (``HMLSTMConfig.ln_boundary``) the ž row is standardised with the gate
+  rows' statistics and has its own gain and bias, so the gate rows are the same either way.
 
   Args:
     projection: the term before normalisation, e.g. h_prev @ U, shape (..., R).
-    ln: ``{'scale', 'bias'}`` of shape (4·d,), or ``None`` for no layer norm.
+    ln: ``{'scale', 'bias'}`` of shape (4·d,) or (R,), or ``None`` for no layer norm.
     hidden_size: d, the width of the layer.
   """
   if ln is None:
     return projection
-  gates = layer_norm(projection[..., :4 * hidden_size], ln)
-  return jnp.concatenate([gates, projection[..., 4 * hidden_size:]], axis=-1)
+  gate_rows = 4 * hidden_size
+  if ln["scale"].shape[-1] == gate_rows:
+    gates = layer_norm(projection[..., :gate_rows], ln)
+    return jnp.concatenate([gates, projection[..., gate_rows:]], axis=-1)
+  return standardize(projection, projection[..., :gate_rows]) * ln["scale"] + ln["bias"]
 
 
 def matmul(x: jax.Array, kernel: jax.Array, dtype: str | None = None) -> jax.Array:
@@ -119,7 +130,7 @@ def combine_terms(params: LayerParams, projections: tuple[jax.Array, ...], z_pre
   layer-norm parameters of ``params`` are read (the matrices may be absent).
   """
   if "ln_U" in params:
-    hidden_size = params["ln_U"]["scale"].shape[0] // 4
+    hidden_size = params["ln_c"]["scale"].shape[0]
     s = normalized_term(projections[0], params["ln_U"], hidden_size)
     if "ln_U_top" in params:
       s = s + z_prev * normalized_term(projections[1], params["ln_U_top"], hidden_size)

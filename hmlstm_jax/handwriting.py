@@ -45,10 +45,11 @@ class HandwritingOutputs(NamedTuple):
 
 
 def init_handwriting(key: jax.Array, config: HandwritingConfig) -> dict:
-  """``hmlstm`` (or ``lstm``), ``output`` (Eq. 11-12) and ``mdn`` (:func:`mdn.init_mdn`)."""
+  """``hmlstm`` (or ``lstm``), ``output`` (Eq. 11-12; absent with ``output_head='top'``) and
+  ``mdn`` (:func:`mdn.init_mdn`)."""
   k_rnn, k_out, k_mdn = jax.random.split(key, 3)
   return {**models.init_recurrence_and_output(k_rnn, k_out, config, config.hmlstm),
-          "mdn": mdn.init_mdn(k_mdn, config.output_size, config.num_components)}
+          "mdn": mdn.init_mdn(k_mdn, config.head_size, config.num_components)}
 
 
 def handwriting_apply(params: dict, state: hmlstm.State, inputs: jax.Array, slope,

@@ -43,6 +43,10 @@ class HMLSTMConfig:
       the growth of the layer-normalised HM-LSTM's gradient back in time and scores 0.14
       BPC better in the small-scale study, but its upper layers then compute on nearly every
       step (decisions.md §3, §6).
+    ln_boundary: with layer norm, also normalise each term's boundary row ž (with the
+      statistics of its gate rows, its own gain and bias; :func:`cell.normalized_term`).
+      [decision] off: the paper's layer norm is over the LSTM's gates and says nothing of
+      ž; the study's row for it is in decisions.md §6.
     boundary_bias: the initial bias of the boundary rows ž (0: with the step function a
       boundary fires when the rest of the pre-activation is positive, about half the time at
       initialisation; negative: boundaries start rare).
@@ -57,11 +61,15 @@ class HMLSTMConfig:
   matmul_dtype: str | None = None
   ln_gain: float = 1.0
   boundary_bias: float = 0.0
+  ln_boundary: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
     if not self.ln_gain > 0:
       raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
+    if self.ln_boundary and not self.layer_norm:
+      raise ValueError("ln_boundary normalises the boundary rows under layer norm: "
+                       "set layer_norm too, or leave ln_boundary off")
     if not isinstance(self.input_size, int) or self.input_size < 1:
       raise ValueError(f"input_size must be a positive int, got {self.input_size!r}")
     if not self.layer_sizes or any(not isinstance(d, int) or d < 1 for d in self.layer_sizes):
@@ -112,8 +120,8 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
   * ``U``     (d_ℓ, R_ℓ)      recurrent U_ℓℓ;
   * ``U_top`` (d_(ℓ+1), R_ℓ)  top-down U_(ℓ+1)ℓ, absent on the last layer;
   * ``b``     (R_ℓ,)          bias;
-  * with layer norm, ``ln_W``, ``ln_U``, ``ln_U_top`` (each ``{'scale', 'bias'}`` of 4·d_ℓ)
-    and ``ln_c`` (d_ℓ): gains ``config.ln_gain``, biases 0.
+  * with layer norm, ``ln_W``, ``ln_U``, ``ln_U_top`` (each ``{'scale', 'bias'}`` of 4·d_ℓ,
+    or R_ℓ with ``config.ln_boundary``) and ``ln_c`` (d_ℓ): gains ``config.ln_gain``, biases 0.
 
   [decision] Matrices are N(0, 1/fan_in); the bias is 0 except the forget gate's, 1, and the
   boundary row's, ``config.boundary_bias`` (0 by default).
@@ -130,9 +138,10 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
     p["b"] = jnp.zeros((rows,), jnp.float32).at[:d].set(1.0).at[4 * d:].set(config.boundary_bias)
     if config.layer_norm:
       gate_ln = lambda n: cell.layer_norm_params(n, config.ln_gain)
-      p["ln_W"], p["ln_U"] = gate_ln(4 * d), gate_ln(4 * d)
+      normalised = rows if config.ln_boundary else 4 * d
+      p["ln_W"], p["ln_U"] = gate_ln(normalised), gate_ln(normalised)
       if layer < L - 1:
-        p["ln_U_top"] = gate_ln(4 * d)
+        p["ln_U_top"] = gate_ln(normalised)
       p["ln_c"] = gate_ln(d)
     params.append(p)
   return tuple(params)

@@ -18,6 +18,7 @@ from hmlstm_jax.settings import setting
 
 
 MODELS = ("hmlstm", "lstm")
+OUTPUT_HEADS = ("module", "top")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +31,14 @@ class RecurrentConfig:
       module, as the paper's LSTM baselines (Table 1 †, Table 3); it has no boundaries.
     layer_sizes: widths d_1 … d_L (PTB: 512 × 3; Text8/enwik8: 1024 × 3; handwriting 400 × 3).
     output_size: width of the output embedding h^e (PTB 512; Text8/enwik8 2048; handwriting 400).
+    output_head: what the prediction head reads: ``'module'``, the paper's output module
+      h^e (Eq. 11-12) over every layer; or ``'top'``, the top layer's h^L_t alone (no output
+      module; ``output_size`` unused), the usual stacked-RNN head, as an ablation.
     boundary: ``'step'``, ``'sample'`` or ``'soft'``.
     layer_norm: layer normalisation in the HM-LSTM.
     ln_gain, boundary_bias: the layer-norm gains and the boundary rows' bias at
       initialisation (:class:`hmlstm.HMLSTMConfig`).
+    ln_boundary: layer norm of the boundary rows too (:class:`hmlstm.HMLSTMConfig`).
     matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
       (:class:`hmlstm.HMLSTMConfig`).
   """
@@ -41,12 +46,17 @@ class RecurrentConfig:
                        "the same output module.", choices=MODELS)
   layer_sizes: tuple[int, ...] = setting((512, 512, 512), "Units per layer, e.g. 512,512,512.")
   output_size: int = setting(512, "Width of the output embedding h^e (Eq. 12).")
+  output_head: str = setting("module", "What the prediction head reads: module (the output "
+                             "module of Eq. 11-12 over all layers) or top (the top layer's h "
+                             "alone; output_size unused).", choices=OUTPUT_HEADS)
   boundary: str = setting("step", "Boundary function f_bound (Eq. 8): step, sample (Bernoulli) "
                           "or soft (hard sigmoid).", choices=("step", "sample", "soft"))
   layer_norm: bool = setting(False, "Layer normalisation (the paper's best results use it).")
   ln_gain: float = setting(1.0, "Layer-norm gains at initialisation (Ba et al.: 1).")
   boundary_bias: float = setting(0.0, "Initial bias of the boundary detectors' rows (0: about "
                                  "half the steps end a segment at first; negative: fewer).")
+  ln_boundary: bool = setting(False, "With layer_norm, normalise the boundary rows too (their "
+                              "own gain and bias; by default they are left raw).")
   matmul_dtype: str | None = setting(
       None, "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).",
       choices={"float32": None, "bfloat16": "bfloat16"})
@@ -57,13 +67,20 @@ class RecurrentConfig:
       raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
     if not isinstance(self.output_size, int) or self.output_size < 1:
       raise ValueError(f"output_size must be a positive int, got {self.output_size!r}")
+    if self.output_head not in OUTPUT_HEADS:
+      raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {self.output_head!r}")
+
+  @property
+  def head_size(self) -> int:
+    """Width of what the prediction head reads: ``output_size``, or d_L with ``'top'``."""
+    return self.output_size if self.output_head == "module" else self.layer_sizes[-1]
 
   def recurrence(self, input_size: int) -> hmlstm.HMLSTMConfig:
     """The HM-LSTM (or LSTM stack) reading inputs of ``input_size``."""
     return hmlstm.HMLSTMConfig(input_size=input_size, layer_sizes=self.layer_sizes,
                                boundary=self.boundary, layer_norm=self.layer_norm,
                                matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain,
-                               boundary_bias=self.boundary_bias)
+                               boundary_bias=self.boundary_bias, ln_boundary=self.ln_boundary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +122,8 @@ class CharLMOutputs(NamedTuple):
 
 def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
   """Parameters: ``embed`` (V, 128), ``hmlstm`` (:func:`hmlstm.init_params`; ``lstm`` for the
-  baseline, :func:`lstm.init_params`), ``output``
-  (:func:`heads.init_output_module`), ``softmax`` (:func:`heads.init_softmax`).
+  baseline, :func:`lstm.init_params`), ``output`` (:func:`heads.init_output_module`; absent
+  with ``output_head='top'``), ``softmax`` (:func:`heads.init_softmax`).
 
   The embedding is linear with no non-linearity (decisions.md §3): row v is x_t for symbol v.
   """
@@ -117,17 +134,20 @@ def init_charlm(key: jax.Array, config: CharLMConfig) -> dict:
   return {
       "embed": jax.random.normal(k_embed, (config.vocab_size, config.embed_size), jnp.float32),
       **init_recurrence_and_output(k_rnn, k_out, config, config.hmlstm),
-      "softmax": heads.init_softmax(k_soft, config.output_size, config.vocab_size),
+      "softmax": heads.init_softmax(k_soft, config.head_size, config.vocab_size),
   }
 
 
 def init_recurrence_and_output(k_rnn: jax.Array, k_out: jax.Array, config: RecurrentConfig,
                                rnn_config: hmlstm.HMLSTMConfig) -> dict:
   """``hmlstm`` (:func:`hmlstm.init_params`; ``lstm`` for the baseline, :func:`lstm.init_params`)
-  from ``k_rnn`` and ``output`` (:func:`heads.init_output_module`) from ``k_out``."""
+  from ``k_rnn`` and, with ``output_head='module'``, ``output``
+  (:func:`heads.init_output_module`) from ``k_out``."""
   rnn_init = lstm.init_params if config.model == "lstm" else hmlstm.init_params
-  return {config.model: rnn_init(k_rnn, rnn_config),
-          "output": heads.init_output_module(k_out, config.layer_sizes, config.output_size)}
+  params = {config.model: rnn_init(k_rnn, rnn_config)}
+  if config.output_head == "module":
+    params["output"] = heads.init_output_module(k_out, config.layer_sizes, config.output_size)
+  return params
 
 
 def recurrence_and_output(params: dict, state: hmlstm.State, xs: jax.Array, slope,
@@ -136,8 +156,8 @@ def recurrence_and_output(params: dict, state: hmlstm.State, xs: jax.Array, slop
                           fast_backward: bool = True):
   """Eq. 1-9 (or the LSTM stack) over time-major ``xs`` (T, B, input), then Eq. 11-12.
 
-  Returns ``(final_state, UnrollOutputs, h_e)`` with h^e (T, B, output_size); the LSTM's
-  outputs have ``z = ()``.
+  Returns ``(final_state, UnrollOutputs, h_e)`` with h^e (T, B, ``config.head_size``): the
+  output module's, or h^L with ``output_head='top'``; the LSTM's outputs have ``z = ()``.
   """
   if config.model == "lstm":
     final, hs = lstm.unroll(params["lstm"], state, xs, config=rnn_config)
@@ -145,6 +165,8 @@ def recurrence_and_output(params: dict, state: hmlstm.State, xs: jax.Array, slop
   else:
     final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key, config=rnn_config,
                                 deterministic=deterministic, fast_backward=fast_backward)
+  if config.output_head == "top":
+    return final, outs, outs.h[-1]
   return final, outs, heads.output_module(params["output"], outs.h)
 
 

@@ -23,11 +23,19 @@ def ln(x, p):
 
 
 def term(h, w, ln_params, d):
-  """One of W h, U h, U_top h; layer norm over the 4d gate rows only, ž row untouched."""
+  """One of W h, U h, U_top h; layer norm over the 4d gate rows. The ž row is left untouched,
+  or, when the layer-norm parameters have a ž entry too, standardised with the gate rows'
+  mean and deviation and scaled by its own gain and shifted by its own bias."""
   out = h @ w
-  if ln_params is not None:
-    out = np.concatenate([ln(out[:4 * d], ln_params), out[4 * d:]])
-  return out
+  if ln_params is None:
+    return out
+  gates = out[:4 * d]
+  mu = gates.mean()
+  sd = np.sqrt(((gates - mu) ** 2).mean() + EPS)
+  if len(ln_params["scale"]) == 4 * d:
+    return np.concatenate([ln(gates, ln_params), out[4 * d:]])
+  z_row = (out[4 * d:] - mu) / sd * ln_params["scale"][4 * d:] + ln_params["bias"][4 * d:]
+  return np.concatenate([ln(gates, {k: v[:4 * d] for k, v in ln_params.items()}), z_row])
 
 
 def run(params, xs, slope, variant, uniforms=None, init=None):

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from experiments import benchmark
+from experiments import hlo
 
 
 def test_flop_counts_follow_the_equations():
@@ -34,7 +35,7 @@ def test_quick_run_reports_every_figure_and_the_loop_structure(tmp_path):
 
 
 def test_loop_matmul_counts_reads_nested_computations():
-  hlo = """HloModule m
+  text = """HloModule m
 
 %inner (p: f32[2,2]) -> f32[2,2] {
   %p = f32[2,2] parameter(0)
@@ -50,7 +51,7 @@ ENTRY %main (a: f32[2,2]) -> f32[2,2] {
   %w = (s32[], f32[2,2]) while(%t), condition=%cond, body=%body
 }
 """
-  assert benchmark.loop_matmul_counts(hlo) == [2]
+  assert hlo.loop_matmul_counts(text) == [2]
 
 
 def test_trainer_loop_mode_times_the_real_loop_against_the_bare_step():
@@ -67,3 +68,65 @@ def test_trainer_loop_mode_times_the_real_loop_against_the_bare_step():
 def test_trainer_loop_rounds_must_end_on_a_progress_line():
   with pytest.raises(ValueError, match="multiple of log_every"):
     benchmark.time_trainer_loop(benchmark.SHAPES["quick"], round_steps=5, log_every=2)
+
+
+def test_instruction_categories_follow_what_a_fusion_holds():
+  text = """HloModule m
+
+%dot_fusion (p: f32[2,2]) -> f32[2,2] {
+  %p = f32[2,2] parameter(0)
+  ROOT %d = f32[2,2] dot(%p, %p), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%dus_fusion (p: f32[4,2], q: f32[1,2], i: s32[]) -> f32[4,2] {
+  %p = f32[4,2] parameter(0)
+  %q = f32[1,2] parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %u = f32[4,2] dynamic-update-slice(%p, %q, %i, %z)
+}
+
+%math_fusion (p: f32[2,2]) -> f32[2,2] {
+  %p = f32[2,2] parameter(0)
+  %t = f32[2,2] tanh(%p)
+  ROOT %m = f32[2,2] multiply(%t, %p)
+}
+
+%cond (t: (s32[], f32[2,2])) -> pred[] {
+  %t = (s32[], f32[2,2]) parameter(0)
+  %n = s32[] get-tuple-element(%t), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%n, %c), direction=LT
+}
+
+%body (t: (s32[], f32[2,2])) -> (s32[], f32[2,2]) {
+  %f = f32[2,2] fusion(%x), kind=kOutput, calls=%dot_fusion
+  %g = f32[4,2] fusion(%y, %z, %i), kind=kLoop, calls=%dus_fusion
+  %h = f32[2,2] fusion(%f), kind=kLoop, calls=%math_fusion
+  %k = s32[] add(%i, %one)
+  %tr = f32[2,2]{0,1} transpose(%h), dimensions={1,0}
+}
+
+ENTRY %main (a: f32[2,2]) -> f32[2,2] {
+  %w = (s32[], f32[2,2]) while(%t), condition=%cond, body=%body
+}
+"""
+  computations = hlo.parse(text)
+  by_name = {i.name: i for body in computations.values() for i in body}
+  kinds = {n: hlo.category(by_name[n], computations, frozenset({"cond"}))
+           for n in ("f", "g", "h", "k", "tr", "w", "lt")}
+  assert kinds == {"f": "matmul", "g": "dynamic slice", "h": "element-wise", "k": "loop control",
+                   "tr": "copy / transpose", "w": None, "lt": "loop control"}
+  assert by_name["w"].opcode == "while" and by_name["w"].callees == ("cond", "body")
+
+
+def test_profile_mode_charges_both_loops_and_formats_a_table():
+  record = benchmark.profile_models(benchmark.SHAPES["quick"], runs=1)
+  for model in ("hmlstm", "lstm"):
+    ms = record[model]["ms"]
+    assert ms["forward loops"]["matmul"] > 0 and ms["backward loops"]["matmul"] > 0
+    assert ms["forward loops"]["element-wise"] > 0 and record[model]["wall_ms"] > 0
+    assert set().union(*ms.values()) <= set(hlo.CATEGORIES)
+  table = benchmark.format_profiles(record)
+  assert "quick hmlstm" in table and "quick lstm" in table and "traced wall time" in table
+  json.dumps(record)

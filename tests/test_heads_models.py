@@ -52,6 +52,26 @@ def test_softmax_head_and_charlm_loss_match_numpy():
   assert outs.rnn.h[0].shape == (T, B, 6)
 
 
+def test_top_layer_head_reads_h_of_the_top_layer_alone():
+  """output_head='top': logits = softmax layer of h^L_t; no output module parameters."""
+  config = H.CharLMConfig(vocab_size=11, layer_sizes=(6, 5, 4), output_size=7, embed_size=3,
+                          output_head="top")
+  params = H.init_charlm(jax.random.key(0), config)
+  assert "output" not in params and params["softmax"]["W"].shape == (4, 11)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
+  logits, _ = H.charlm_apply(params, H.initial_state(config.hmlstm, 2), tokens, 1.0, config=config)
+  hs, _, _, _, _ = numpy_reference.run(params["hmlstm"], np.asarray(params["embed"])[np.asarray(tokens).T],
+                                       1.0, "step")
+  ref_logits = hs[-1] @ np.asarray(params["softmax"]["W"], np.float64) + np.asarray(params["softmax"]["b"])
+  np.testing.assert_allclose(np.swapaxes(logits, 0, 1), ref_logits, atol=1e-4)
+  hw = H.HandwritingConfig(layer_sizes=(6, 5), output_size=7, num_components=2, output_head="top")
+  from hmlstm_jax import handwriting
+  hw_params = handwriting.init_handwriting(jax.random.key(0), hw)
+  assert "output" not in hw_params and hw_params["mdn"]["W"].shape[0] == 5
+  with pytest.raises(ValueError, match="output_head must be one of"):
+    H.CharLMConfig(vocab_size=5, layer_sizes=(4,), output_head="bottom")
+
+
 def test_charlm_trains_the_boundary_detectors():
   """The loss gradient reaches every layer's weights, the ž rows included."""
   config = H.CharLMConfig(vocab_size=7, layer_sizes=(8, 8, 8), output_size=8, embed_size=4)

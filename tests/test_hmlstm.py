@@ -15,7 +15,9 @@ SIZES = (6, 5, 4)
 
 
 def _setup(boundary="step", layer_norm=False, seed=0, sizes=SIZES):
-  config = H.HMLSTMConfig(input_size=D, layer_sizes=sizes, boundary=boundary, layer_norm=layer_norm)
+  """``layer_norm``: False, True, or ``'boundary'`` (layer norm with ``ln_boundary``)."""
+  config = H.HMLSTMConfig(input_size=D, layer_sizes=sizes, boundary=boundary,
+                          layer_norm=bool(layer_norm), ln_boundary=layer_norm == "boundary")
   k_p, k_x, k_ln = jax.random.split(jax.random.key(seed), 3)
   params = H.init_params(k_p, config)
   if layer_norm:  # non-trivial gains and biases, so that a misplaced one shows
@@ -32,7 +34,8 @@ def _float64(tree):
 
 
 @pytest.mark.parametrize("boundary,layer_norm",
-                         list(itertools.product(("step", "sample", "soft"), (False, True))))
+                         list(itertools.product(("step", "sample", "soft"), (False, True)))
+                         + [("step", "boundary"), ("soft", "boundary")])
 def test_matches_numpy_reference(boundary, layer_norm):
   """In float64 on both sides, so that any deviation from the equations shows above 1e-9."""
   config, params, xs = _setup(boundary, layer_norm)
@@ -223,10 +226,16 @@ def test_init_params_shapes_follow_the_paper():
   np.testing.assert_array_equal(rare[2]["b"], p[2]["b"])  # the last layer has no ž row
   with pytest.raises(ValueError, match="ln_gain must be positive"):
     H.HMLSTMConfig(input_size=3, layer_sizes=(4,), ln_gain=0.0)
+  z_ln = H.init_params(jax.random.key(0), dataclasses.replace(config, ln_boundary=True))
+  assert z_ln[0]["ln_U_top"]["scale"].shape == (17,) and z_ln[1]["ln_W"]["bias"].shape == (21,)
+  assert z_ln[2]["ln_U"]["scale"].shape == (24,)  # the last layer has no ž row
+  with pytest.raises(ValueError, match="set layer_norm too"):
+    H.HMLSTMConfig(input_size=3, layer_sizes=(4,), ln_boundary=True)
 
 
 @pytest.mark.parametrize("boundary,layer_norm",
-                         list(itertools.product(("step", "sample", "soft"), (False, True))))
+                         list(itertools.product(("step", "sample", "soft"), (False, True)))
+                         + [("soft", "boundary")])
 def test_fast_backward_equals_autodiff_of_the_plain_scan(boundary, layer_norm):
   """The custom backward gives jax.grad of the plain lax.scan: params, initial state, inputs."""
   config, params, xs = _setup(boundary, layer_norm, seed=11)

@@ -1,0 +1,230 @@
+"""Reading a compiled XLA program: its computations, the matmuls of its loops, and where the
+time of one run of it goes (per-op events of JAX's profiler, by category).
+
+Used by :mod:`experiments.benchmark`; nothing here is needed to train.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import re
+import tempfile
+from typing import Callable
+
+import jax
+
+#: What an instruction's time counts as, in the order the breakdown prints.
+CATEGORIES = ("matmul", "element-wise", "copy / transpose", "dynamic slice", "loop control",
+              "other")
+#: Opcodes that only move or reshape data.
+_MOVES = {"copy", "transpose", "broadcast", "reshape", "bitcast", "concatenate", "slice", "pad",
+          "parameter", "constant", "tuple", "get-tuple-element", "iota", "reverse", "gather",
+          "dynamic-slice", "dynamic-update-slice", "copy-start", "copy-done"}
+_CONTAINERS = {"while", "call", "conditional"}
+_OTHER = {"custom-call", "rng-bit-generator", "rng", "sort", "all-reduce", "all-gather",
+          "reduce-scatter", "all-to-all", "collective-permute"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  opcode: str
+  computation: str
+  callees: tuple[str, ...]
+  line: str
+
+
+def _opcode(rhs: str) -> str:
+  """The opcode of an instruction's right-hand side ``shape opcode(operands), ...``."""
+  if rhs.startswith("("):  # a tuple shape: skip to its closing parenthesis
+    depth = 0
+    for i, ch in enumerate(rhs):
+      depth += (ch == "(") - (ch == ")")
+      if depth == 0:
+        rhs = rhs[i + 1:]
+        break
+  else:
+    rhs = rhs.split(" ", 1)[1] if " " in rhs else ""
+  match = re.match(r"\s*([\w\-]+)\(", rhs)
+  return match.group(1) if match else ""
+
+
+def parse(hlo_text: str) -> dict[str, list[Instruction]]:
+  """The computations of an HLO module's text: name → its instructions, in order."""
+  computations: dict[str, list[Instruction]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)  # computations start unindented
+    if header:
+      current = header.group(1)
+      computations[current] = []
+    elif current is not None and line.strip() == "}":
+      current = None
+    elif current is not None:
+      match = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
+      if match:
+        callees = re.findall(
+            r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
+        computations[current].append(Instruction(match.group(1), _opcode(match.group(2)), current,
+                                                 tuple(callees), line))
+  return computations
+
+
+def _is_matmul(ins: Instruction) -> bool:
+  return ins.opcode in ("dot", "convolution") or (
+      ins.opcode == "custom-call"
+      and re.search(r'custom_call_target="[^"]*(matmul|gemm|dot)', ins.line, re.I) is not None)
+
+
+def loop_matmul_counts(hlo_text: str) -> list[int]:
+  """Matmuls per iteration of each ``while`` loop in a compiled HLO module, in program order.
+
+  Counts ``dot`` and matmul custom-calls in each loop body, following the computations it
+  calls (fusions, nested calls). For a training step the forward scan comes first and the
+  backward scan second.
+  """
+  computations = parse(hlo_text)
+
+  def count(name: str, seen: frozenset = frozenset()) -> int:
+    if name in seen or name not in computations:
+      return 0
+    total = 0
+    for ins in computations[name]:
+      total += _is_matmul(ins)
+      if ins.opcode != "while":  # nested loops are reported on their own
+        total += sum(count(callee, seen | {name}) for callee in ins.callees)
+    return total
+
+  return [count(body) for ins in _instructions(computations) if ins.opcode == "while"
+          for body in re.findall(r"body=%?([\w.\-]+)", ins.line)]
+
+
+def _instructions(computations: dict[str, list[Instruction]]):
+  return (ins for body in computations.values() for ins in body)
+
+
+def category(ins: Instruction, computations: dict[str, list[Instruction]],
+             conditions: frozenset[str] = frozenset()) -> str | None:
+  """What one executed instruction's time counts as (:data:`CATEGORIES`); ``None`` for a
+  container (``while``, ``call``, ``conditional``), whose time is its children's.
+
+  A fusion counts by what it fuses: a matmul if it holds one, a data move if it holds only
+  moves, else element-wise. ``conditions``: the loops' condition computations (loop control,
+  as is a scalar integer op: the scan's counter).
+  """
+  if ins.opcode in _CONTAINERS:
+    return None
+  if ins.computation in conditions or re.search(r"=\s*[su]32\[\]\s", ins.line):
+    return "loop control"
+  inner = ([i for c in ins.callees for i in computations.get(c, ())]
+           if ins.opcode == "fusion" else [ins])
+  if any(_is_matmul(i) for i in inner):
+    return "matmul"
+  opcodes = {i.opcode for i in inner}
+  if opcodes <= _MOVES:
+    return "dynamic slice" if opcodes & {"dynamic-slice", "dynamic-update-slice"} else "copy / transpose"
+  return "other" if ins.opcode in _OTHER else "element-wise"
+
+
+def _loop_of(computations: dict[str, list[Instruction]]) -> dict[str, str]:
+  """Computation name → the ``while`` instruction whose body or condition reaches it."""
+  owner: dict[str, str] = {}
+  for ins in _instructions(computations):
+    if ins.opcode != "while":
+      continue
+    stack = list(ins.callees)
+    while stack:
+      name = stack.pop()
+      if name in owner or name not in computations:
+        continue
+      owner[name] = ins.name
+      stack.extend(c for inner in computations[name] if inner.opcode != "while"
+                   for c in inner.callees)
+  return owner
+
+
+def profile(run: Callable[[], None], hlo_text: str, runs: int = 3) -> dict:
+  """Where the time of ``run`` (one call of the compiled program ``hlo_text``) goes.
+
+  Traces ``runs`` calls with JAX's profiler and reads XLA's per-instruction events (their
+  ``hlo_op`` names): each is charged to a :data:`CATEGORIES` entry and to a region, the
+  forward loops (the first half of the ``while`` loops, by the time they start), the backward
+  loops (the second half) or outside the loops. Containers are not charged themselves; the
+  gap between a loop's time and its instructions' (the runtime's dispatch of each iteration)
+  is reported under ``"loop control"``.
+
+  Returns:
+    ``{"wall_ms", "busy_ms", "ms": {region: {category: ms}}}`` per call: the traced wall time,
+    the summed instruction time (may exceed the wall time where instructions ran on several
+    threads at once) and the breakdown.
+  """
+  computations = parse(hlo_text)
+  by_name = {ins.name: ins for ins in _instructions(computations)}
+  loop_of = _loop_of(computations)
+  conditions = frozenset(c for ins in _instructions(computations) if ins.opcode == "while"
+                         for c in re.findall(r"condition=%?([\w.\-]+)", ins.line))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(runs):
+        run()
+    paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    if not paths:
+      raise RuntimeError("JAX's profiler wrote no trace")
+    data = jax.profiler.ProfileData.from_file(paths[0])
+  events, loops, first, last = [], {}, None, None
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        name = stats.get("hlo_op")
+        if name not in by_name:
+          continue
+        start, end = event.start_ns, event.start_ns + event.duration_ns
+        first = start if first is None else min(first, start)
+        last = end if last is None else max(last, end)
+        ins = by_name[name]
+        if ins.opcode == "while":
+          loops.setdefault(name, []).append((start, event.duration_ns))
+        events.append((ins, event.duration_ns))
+  if not events:
+    raise RuntimeError("the trace holds no XLA instruction events (is this backend's per-op "
+                       "tracing on?)")
+  order = sorted(loops, key=lambda n: min(s for s, _ in loops[n]))
+  half = len(order) // 2
+  region_of_loop = {n: ("forward loops" if i < half else "backward loops") for i, n in enumerate(order)}
+  ms: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+  loop_busy: dict[str, float] = collections.defaultdict(float)
+  for ins, duration in events:
+    loop = loop_of.get(ins.computation)
+    region = region_of_loop.get(loop, "outside loops")
+    kind = category(ins, computations, conditions)
+    if kind is not None:
+      ms[region][kind] += duration / 1e6 / runs
+      if loop is not None:
+        loop_busy[loop] += duration / 1e6 / runs
+  for loop, spans in loops.items():
+    gap = sum(d for _, d in spans) / 1e6 / runs - loop_busy[loop]
+    ms[region_of_loop[loop]]["loop control"] += max(gap, 0.0)
+  return {
+      "wall_ms": (last - first) / 1e6 / runs,
+      "busy_ms": sum(v for region in ms.values() for v in region.values()),
+      "ms": {region: dict(values) for region, values in ms.items()},
+  }
+
+
+def format_profile(name: str, record: dict) -> str:
+  """A small table: category, ms and % of the summed time, per region and in all."""
+  regions = ("forward loops", "backward loops", "outside loops")
+  totals = {c: sum(record["ms"].get(r, {}).get(c, 0.0) for r in regions) for c in CATEGORIES}
+  busy = sum(totals.values()) or 1.0
+  head = f"{name:<18}" + "".join(f"{r:>16}" for r in regions) + f"{'all ms':>10}{'%':>7}"
+  lines = [head, "-" * len(head)]
+  for c in CATEGORIES:
+    lines.append(f"{c:<18}" + "".join(f"{record['ms'].get(r, {}).get(c, 0.0):>16.1f}" for r in regions)
+                 + f"{totals[c]:>10.1f}{100 * totals[c] / busy:>7.1f}")
+  region_sums = [sum(record["ms"].get(r, {}).values()) for r in regions]
+  lines.append(f"{'sum':<18}" + "".join(f"{v:>16.1f}" for v in region_sums)
+               + f"{busy:>10.1f}{100.0:>7.1f}")
+  lines.append(f"traced wall time per step {record['wall_ms']:.1f} ms")
+  return "\n".join(lines)
