@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,8 +65,14 @@ flags.DEFINE_bool("quick", False, "Tiny models and runs (a smoke test of the stu
 
 
 def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
-  """One run of the binary (resumed if its workdir has checkpoints); its results.json."""
+  """One run of the binary (resumed if its workdir has checkpoints): its results.json, or
+  ``{"diverged": the binary's one-line error}`` when training stopped on a non-finite loss or
+  gradient (kept in ``<workdir>.diverged``, so that a rerun of the study does not repeat it)."""
   results = os.path.join(workdir, "results.json")
+  diverged = workdir + ".diverged"
+  if os.path.exists(diverged):
+    with open(diverged) as f:
+      return {"diverged": f.read().strip()}
   if not os.path.exists(results):
     argv = [sys.executable, "-m", "experiments.charlm", "--flagfile=study.flags",
             f"--manual_dir={FLAGS.manual_dir}", f"--workdir={workdir}", f"--seed={seed}",
@@ -75,6 +82,12 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
     with open(workdir + ".log", "w") as log:
       status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(workdir + ".log") as log:
+      last = (log.read().strip().splitlines() or [""])[-1]
+    if status != 0 and "non-finite" in last:
+      with open(diverged, "w") as f:
+        f.write(last + "\n")
+      return {"diverged": last}
     if status != 0:
       sys.exit(f"row {name}, seed {seed}: the run failed (exit {status}); see {workdir}.log, "
                "then run the study again to resume")
@@ -83,11 +96,18 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
 
 
 def summary(runs: list[dict]) -> dict:
-  """One row's figures over its seeds: mean and half the spread (max − min) / 2."""
+  """One row's figures over its seeds: mean and half the spread (max − min) / 2, over the
+  seeds that finished; ``diverged``: the steps at which the others stopped."""
   def stat(values):
     values = np.asarray(values, np.float64)
     return float(values.mean()), float((values.max() - values.min()) / 2)
+  diverged = [int(m.group(1)) if (m := re.search(r"in step (\d+)", r["diverged"])) else 0
+              for r in runs if "diverged" in r]
+  runs = [r for r in runs if "diverged" not in r]
+  if not runs:
+    return {"seeds": len(diverged), "diverged": diverged}
   out = {"parameters": runs[0]["parameters"], "steps": runs[0]["steps"], "seeds": len(runs),
+         "diverged": diverged,
          "valid_bpc": stat([r["valid"]["bpc"] for r in runs]),
          "test_bpc": stat([r["test"]["bpc"] for r in runs])}
   if "op_counts" in runs[0]["test"]:
@@ -103,11 +123,17 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
   lines = ["| row | change | parameters | steps | valid BPC | test BPC | compute per layer | "
            "F1 z¹, z² vs word ends |", "|---|---|---|---|---|---|---|---|"]
   for name, what, s in rows:
+    stopped = (f"diverged at step {', '.join(map(str, s['diverged']))}"
+               if s["diverged"] else "")
+    if "test_bpc" not in s:
+      lines.append(f"| {name} | {what} | — | — | {stopped} | {stopped} | — | — |")
+      continue
+    note = f" ({len(s['diverged'])} more seed(s) {stopped})" if stopped else ""
     compute = " / ".join(f"{c:.0%}" for c in s["compute"]) if "compute" in s else "100% each"
     f1 = " / ".join(f"{v:.2f}" for v in s["f1_word"]) if "f1_word" in s else "—"
     lines.append(f"| {name} | {what} | {s['parameters']:,} | {s['steps']} | "
                  f"{s['valid_bpc'][0]:.3f} ± {s['valid_bpc'][1]:.3f} | "
-                 f"{s['test_bpc'][0]:.3f} ± {s['test_bpc'][1]:.3f} | {compute} | {f1} |")
+                 f"{s['test_bpc'][0]:.3f} ± {s['test_bpc'][1]:.3f}{note} | {compute} | {f1} |")
   return "\n".join(lines)
 
 
@@ -136,7 +162,9 @@ def main(argv):
       run_start = time.time()
       runs.append(run_one(name, extra, seed, os.path.join(FLAGS.workdir, f"{name}_seed{seed}")))
       done += 1
-      print(f"[{done}/{total}] {name} seed {seed}: test BPC {runs[-1]['test']['bpc']:.4f} "
+      outcome = (runs[-1]["diverged"] if "diverged" in runs[-1]
+                 else f"test BPC {runs[-1]['test']['bpc']:.4f}")
+      print(f"[{done}/{total}] {name} seed {seed}: {outcome} "
             f"({time.time() - run_start:.0f} s; {time.time() - start:.0f} s in all)", flush=True)
     every_run[name] = runs
     rows.append((name, what, summary(runs)))

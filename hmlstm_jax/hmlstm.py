@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import cell
+from hmlstm_jax import schedule as schedule_lib
 
 # Codes of the operation table (decisions.md §1), as returned by `operations`.
 COPY, UPDATE, FLUSH = 0, 1, 2
@@ -53,6 +54,10 @@ class HMLSTMConfig:
     matmul_dtype: ``None`` (matmuls in the inputs' dtype) or ``'bfloat16'``: the matmul
       operands in bf16 with float32 accumulation, everything else in float32 (for GPU, TPU
       and CPUs with bf16 units).
+    schedule: the order of the layer-steps in :func:`unroll` and its backward
+      (:mod:`hmlstm_jax.schedule`): ``'layers'`` (each step's layers bottom to top) or
+      ``'two_phase'`` (the layers of a step run in two independent phases; dependent chain
+      2T + L − 2 instead of L·T). The same numbers bit for bit.
   """
   input_size: int
   layer_sizes: tuple[int, ...]
@@ -62,6 +67,7 @@ class HMLSTMConfig:
   ln_gain: float = 1.0
   boundary_bias: float = 0.0
   ln_boundary: bool = False
+  schedule: str = "layers"
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
@@ -76,6 +82,8 @@ class HMLSTMConfig:
       raise ValueError(f"layer_sizes must be a non-empty sequence of positive ints, got {self.layer_sizes!r}")
     if self.boundary not in boundary_lib.BOUNDARY_VARIANTS:
       raise ValueError(f"boundary must be one of {boundary_lib.BOUNDARY_VARIANTS}, got {self.boundary!r}")
+    if self.schedule not in schedule_lib.SCHEDULES:
+      raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {self.schedule!r}")
     if self.matmul_dtype not in MATMUL_DTYPES:
       raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
 
@@ -193,37 +201,46 @@ def _layer_core(small, projections, bottom_up, c_prev, h_prev, z_prev, z_below, 
                            ln_c=small.get("ln_c"), noise=noise)
 
 
-def _layer_context(state: State, new_h, new_z, layer: int):
-  """(h_above, h_below, z_below) of ``layer``: above at t-1 from ``state``; below at t."""
-  L = len(state)
-  h_above = state[layer + 1].h if layer < L - 1 else None
+def _layer_context(state: State, layer: int):
+  """(h_above, h_below, z_below) of ``layer`` from ``state``, in which the layer below has
+  already taken this step and the layer above has not (h_above at t-1; below at t)."""
+  h_above = state[layer + 1].h if layer < len(state) - 1 else None
   if layer == 0:
     return h_above, None, jnp.ones_like(state[0].z)  # z^0_t = 1; h^0_t enters as bottom_up
-  return h_above, new_h[layer - 1], new_z[layer - 1]
+  return h_above, state[layer - 1].h, state[layer - 1].z
 
 
-def _step_layers(small, kernels, state: State, bottom_up_1, slope, noise, config: HMLSTMConfig):
-  """One step of all layers, bottom to top, from precomputed kernels and layer 1's W x_t.
+def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: bool):
+  """The body of the forward loop for :func:`schedule.skewed_scan`: the given layers take
+  one step each, in order, every one reading the state as the layers before it left it.
 
-  Returns the new state and, per layer, the matmul inputs and outputs (the residuals that
-  the custom backward of :func:`_recurrence` keeps).
+  Per layer, the inputs are (layer 1's W x_t or ``None``, its boundary noise or ``None``) and
+  the outputs (h, z) and, with ``keep_residuals``, what the custom backward of
+  :func:`_recurrence` keeps: the layer's state before the step, its matmul inputs and outputs.
   """
+  def body(state, xs_t, layers, active):
+    state, ys = list(state), [None] * len(state)
+    for layer in layers:
+      bottom_up, noise = xs_t[layer]
+      own = state[layer]
+      h_above, h_below, z_below = _layer_context(state, layer)
+      ins = cell.matmul_inputs(config.layer_norm, own.h, own.z, h_above, z_below, h_below)
+      projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
+      c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
+                            noise, config.boundary)
+      state[layer] = schedule_lib.keep(active[layer], LayerState(h=h, c=c, z=z), own)
+      ys[layer] = (h, z) + ((own, ins, projs) if keep_residuals else ())
+    return tuple(state), tuple(ys)
+  return body
+
+
+def _per_layer_inputs(config: HMLSTMConfig, bottom_up_1, noise) -> tuple:
+  """The forward loop's inputs per layer: (W x_t for layer 1, the layer's noise or ``None``);
+  ``noise`` is (..., L-1, B, 1), with or without a leading time axis."""
   L = config.num_layers
-  new_h, new_z, new_c, inputs, projections = [], [], [], [], []
-  for layer in range(L):
-    own = state[layer]
-    h_above, h_below, z_below = _layer_context(state, new_h, new_z, layer)
-    ins = cell.matmul_inputs(config.layer_norm, own.h, own.z, h_above, z_below, h_below)
-    projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
-    c, h, z = _layer_core(small[layer], projs, bottom_up_1 if layer == 0 else None, own.c, own.h,
-                          own.z, z_below, slope, _layer_noise(noise, layer, L), config.boundary)
-    new_h.append(h), new_z.append(z), new_c.append(c), inputs.append(ins), projections.append(projs)
-  new_state = tuple(LayerState(h=h, c=c, z=z) for h, c, z in zip(new_h, new_c, new_z))
-  return new_state, tuple(inputs), tuple(projections)
-
-
-def _layer_noise(noise, layer: int, num_layers: int):
-  return None if noise is None or layer == num_layers - 1 else noise[layer]
+  return tuple((bottom_up_1 if layer == 0 else None,
+                None if noise is None or layer == L - 1 else noise[..., layer, :, :])
+               for layer in range(L))
 
 
 def _cast(tree, dtype: str | None):
@@ -232,80 +249,97 @@ def _cast(tree, dtype: str | None):
 
 def _scan(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise,
           keep_residuals: bool):
-  """``lax.scan`` of :func:`_step_layers` over time (the plain, autodiff-able recurrence)."""
+  """The forward recurrence in ``config.schedule``'s order (the plain, autodiff-able one).
 
+  Returns the final state and, per layer, the outputs of :func:`_forward_body` stacked over
+  time.
+  """
   kernels = _cast(kernels, config.matmul_dtype)  # once, outside the loop
-
-  def body(carry, inputs):
-    bu, n = inputs
-    new, ins, projs = _step_layers(small, kernels, carry, bu, slope, n, config)
-    out = (tuple(s.h for s in new), tuple(s.z for s in new))
-    if keep_residuals:
-      out += (carry, ins, projs)
-    return new, out
-
-  return jax.lax.scan(body, state, (bottom_up_1, noise))
+  lags, order = schedule_lib.plan(config.schedule, config.num_layers)
+  body = _forward_body(small, kernels, slope, config, keep_residuals)
+  return schedule_lib.skewed_scan(body, state, _per_layer_inputs(config, bottom_up_1, noise),
+                                  bottom_up_1.shape[0], lags, order)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _recurrence(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise):
   """The scan over time with a backward pass that defers every weight gradient.
 
-  Forward: as :func:`_scan`. Backward: the reverse scan computes only what the recurrence
-  needs step by step (the cotangents of the state and of each matmul output, and the
-  matmul-input cotangent dX = dY Kᵀ); every kernel gradient is then one large matmul over
-  all T·B rows, dK = Xᵀ dY, instead of T small accumulations inside the loop.
+  Forward: as :func:`_scan`. Backward: the reverse loop (in the schedule's mirrored order)
+  computes only what the recurrence needs step by step (the cotangents of the state and of
+  each matmul output, and the matmul-input cotangent dX = dY Kᵀ); every kernel gradient is
+  then one large matmul over all T·B rows, dK = Xᵀ dY, instead of T small accumulations
+  inside the loop.
   """
-  final, (hs, zs) = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
-  return final, hs, zs
+  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
+  return final, tuple(y[0] for y in ys), tuple(y[1] for y in ys)
 
 
 def _recurrence_fwd(config, small, kernels, state, bottom_up_1, slope, noise):
-  final, (hs, zs, prev, ins, projs) = _scan(config, small, kernels, state, bottom_up_1, slope,
-                                            noise, True)
+  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, True)
+  hs, zs, prev, ins, projs = (tuple(y[i] for y in ys) for i in range(5))
   residuals = (small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise)
   return (final, hs, zs), residuals
+
+
+def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
+  """The body of the reverse loop: the given layers' backward at their own step, in order.
+
+  The carry is, per layer, the cotangent of its state at the step it takes next, gathered
+  from its own later step and from the layer below's later step (the top-down input), and
+  what the layer above sent at the same step (the bottom-up input and its boundary). The
+  sums are formed in the same order whatever the schedule, so both give the same bits.
+  """
+  L, dtype = config.num_layers, config.matmul_dtype
+
+  def body(carry, xs_t, layers, active):
+    acc, below = list(carry[0]), list(carry[1])
+    ys = [None] * L
+    for layer in layers:
+      own, h_above, h_below, z_below, projs, bu, noise, dh_t, dz_t = xs_t[layer]
+      d_h, d_z = acc[layer].h + dh_t, acc[layer].z + dz_t
+      if layer < L - 1:
+        d_h, d_z = d_h + below[layer][0], d_z + below[layer][1] + below[layer][2]
+      if layer == 0:
+        z_below = jnp.ones_like(own.z)
+      core = lambda sm, pr, b, c, h, z, zb: _layer_core(sm, pr, b, c, h, z, zb, slope, noise,
+                                                         config.boundary)
+      _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
+      d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
+          (acc[layer].c, d_h, d_z))
+      d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs, kernels_c[layer]))
+      _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.layer_norm),
+                              own.h, own.z, h_above, z_below, h_below)
+      dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
+      keep = functools.partial(schedule_lib.keep, active[layer])
+      acc[layer] = keep(LayerState(h=dh_prev + dh_prev2, c=dc_prev, z=dz_prev + dz_prev2),
+                        acc[layer])
+      if layer < L - 1:
+        acc[layer + 1] = acc[layer + 1]._replace(h=keep(acc[layer + 1].h + dh_above,
+                                                        acc[layer + 1].h))
+      if layer > 0:
+        below[layer - 1] = keep((dh_below, dz_below, dz_below2), below[layer - 1])
+      ys[layer] = (d_projs, d_small, d_bu)
+    return (tuple(acc), tuple(below)), tuple(ys)
+  return body
 
 
 def _recurrence_bwd(config, residuals, cotangents):
   small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise = residuals
   d_final, d_hs, d_zs = cotangents
-  L = config.num_layers
+  L, T = config.num_layers, bottom_up_1.shape[0]
   dtype = config.matmul_dtype
-  kernels_c = _cast(kernels, dtype)
-
-  def body(d_state, xs_t):
-    prev_t, h_t, z_t, projs_t, bu_t, noise_t, dh_t, dz_t = xs_t
-    d_h = [d_state[l].h + dh_t[l] for l in range(L)]  # cotangents of the state at t
-    d_z = [d_state[l].z + dz_t[l] for l in range(L)]
-    d_prev = [None] * L                               # cotangents of the state at t-1
-    d_projs, d_small, d_bu = [None] * L, [None] * L, None
-    for layer in reversed(range(L)):
-      own = prev_t[layer]
-      h_above, h_below, z_below = _layer_context(prev_t, h_t, z_t, layer)
-      n = _layer_noise(noise_t, layer, L)
-      bu = bu_t if layer == 0 else None
-      core = lambda sm, pr, b, c, h, z, zb, n=n: _layer_core(sm, pr, b, c, h, z, zb, slope, n,
-                                                              config.boundary)
-      _, core_vjp = jax.vjp(core, small[layer], projs_t[layer], bu, own.c, own.h, own.z, z_below)
-      d_small[layer], d_projs[layer], d_bu_l, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
-          (d_state[layer].c, d_h[layer], d_z[layer]))
-      d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs[layer], kernels_c[layer]))
-      _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.layer_norm),
-                              own.h, own.z, h_above, z_below, h_below)
-      dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
-      d_prev[layer] = LayerState(h=dh_prev + dh_prev2, c=dc_prev, z=dz_prev + dz_prev2)
-      if layer < L - 1:
-        d_prev[layer + 1] = d_prev[layer + 1]._replace(h=d_prev[layer + 1].h + dh_above)
-      if layer > 0:
-        d_h[layer - 1] = d_h[layer - 1] + dh_below
-        d_z[layer - 1] = d_z[layer - 1] + dz_below + dz_below2
-      else:
-        d_bu = d_bu_l
-    return tuple(d_prev), (tuple(d_projs), tuple(d_small), d_bu)
-
-  d_state0, (d_projs, d_small, d_bu) = jax.lax.scan(
-      body, d_final, (prev, hs, zs, projs, bottom_up_1, noise, d_hs, d_zs), reverse=True)
+  inputs = _per_layer_inputs(config, bottom_up_1, noise)
+  xs = tuple((prev[l], prev[l + 1].h if l < L - 1 else None, hs[l - 1] if l else None,
+              zs[l - 1] if l else None, projs[l], inputs[l][0], inputs[l][1], d_hs[l], d_zs[l])
+             for l in range(L))
+  below = tuple((jnp.zeros_like(d_final[l].h), jnp.zeros_like(d_final[l].z),
+                 jnp.zeros_like(d_final[l].z)) for l in range(L - 1))
+  lags, order = schedule_lib.plan(config.schedule, L, backward=True)
+  (d_state0, _), ys = schedule_lib.skewed_scan(
+      _backward_body(small, _cast(kernels, dtype), slope, config), (tuple(d_final), below), xs,
+      T, lags, order, reverse=True)
+  d_projs, d_small, d_bu = (tuple(y[i] for y in ys) for i in range(3))
   # dK = Xᵀ dY over all T·B rows at once.
   d_kernels = tuple(
       tuple(cell.matmul(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]), dtype)
@@ -313,7 +347,7 @@ def _recurrence_bwd(config, residuals, cotangents):
       for ins_l, d_projs_l in zip(ins, d_projs))
   d_small = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), d_small)
   d_noise = None if noise is None else jnp.zeros_like(noise)
-  return d_small, d_kernels, d_state0, d_bu, jnp.zeros_like(slope), d_noise
+  return d_small, d_kernels, d_state0, d_bu[0], jnp.zeros_like(slope), d_noise
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -348,9 +382,10 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   _check_state(config, state)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
-  new_state, _, _ = _step_layers(_small_params(params), _kernels(params), state,
-                                 cell.bottom_up_term(params[0], x_t, config.matmul_dtype), slope,
-                                 noise, config)
+  body = _forward_body(_small_params(params), _kernels(params), slope, config, False)
+  xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise)
+  new_state, _ = body(state, xs_t, schedule_lib.plan(config.schedule, config.num_layers)[1],
+                      (None,) * config.num_layers)
   return new_state
 
 
@@ -395,7 +430,8 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
   if fast_backward:
     final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise)
   else:
-    final, (hs, zs) = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
+    final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
+    hs, zs = tuple(y[0] for y in ys), tuple(y[1] for y in ys)
   return final, UnrollOutputs(h=hs, z=zs)
 
 

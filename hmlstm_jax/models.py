@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 from hmlstm_jax import lstm
+from hmlstm_jax import schedule as schedule_lib
 from hmlstm_jax.settings import setting
 
 
@@ -39,7 +40,7 @@ class RecurrentConfig:
     ln_gain, boundary_bias: the layer-norm gains and the boundary rows' bias at
       initialisation (:class:`hmlstm.HMLSTMConfig`).
     ln_boundary: layer norm of the boundary rows too (:class:`hmlstm.HMLSTMConfig`).
-    matmul_dtype: ``None`` or ``'bfloat16'`` for the HM-LSTM's matmul operands
+    schedule, matmul_dtype: the HM-LSTM's order of layer-steps and matmul operand dtype
       (:class:`hmlstm.HMLSTMConfig`).
   """
   model: str = setting("hmlstm", "'hmlstm', or 'lstm' for the (layer-norm) LSTM baseline with "
@@ -57,6 +58,9 @@ class RecurrentConfig:
                                  "half the steps end a segment at first; negative: fewer).")
   ln_boundary: bool = setting(False, "With layer_norm, normalise the boundary rows too (their "
                               "own gain and bias; by default they are left raw).")
+  schedule: str = setting("layers", "Order of the recurrence's layer-steps: layers (each step's "
+                          "layers bottom to top) or two_phase (shorter dependent chain; same "
+                          "numbers).", choices=schedule_lib.SCHEDULES)
   matmul_dtype: str | None = setting(
       None, "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).",
       choices={"float32": None, "bfloat16": "bfloat16"})
@@ -80,7 +84,8 @@ class RecurrentConfig:
     return hmlstm.HMLSTMConfig(input_size=input_size, layer_sizes=self.layer_sizes,
                                boundary=self.boundary, layer_norm=self.layer_norm,
                                matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain,
-                               boundary_bias=self.boundary_bias, ln_boundary=self.ln_boundary)
+                               boundary_bias=self.boundary_bias, ln_boundary=self.ln_boundary,
+                               schedule=self.schedule)
 
 
 @dataclasses.dataclass(frozen=True)

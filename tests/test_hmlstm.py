@@ -285,3 +285,58 @@ def test_bfloat16_matmuls_stay_close_and_keep_the_backward_exact():
     np.testing.assert_allclose(a, b, atol=0.02 * float(jnp.abs(b).max()) + 1e-6)
   with pytest.raises(ValueError, match="matmul_dtype"):
     H.HMLSTMConfig(input_size=D, layer_sizes=SIZES, matmul_dtype="int8")
+
+
+@pytest.mark.parametrize("sizes,steps,boundary,layer_norm", [
+    (SIZES, T, "step", False), (SIZES, T, "sample", True), (SIZES, T, "soft", False),
+    ((4, 5, 6, 3, 4), T, "step", True), ((4, 5, 6, 3), 1, "step", False)])
+def test_two_phase_schedule_gives_the_same_bits_forward_and_backward(sizes, steps, boundary,
+                                                                     layer_norm):
+  """Outputs, final state and every gradient of the custom backward equal bit for bit with
+  binary boundaries.
+
+  Equal to rounding: the soft variant (its blends of fractional masks are multiply-adds that
+  XLA may contract into FMAs differently in the two loop bodies) and autodiff of the
+  two-phase scan (it sums some cotangents in the forward body's order, which changes)."""
+  plain, params, xs = _setup(boundary, layer_norm, seed=3, sizes=sizes)
+  xs = xs[:steps]
+  two = dataclasses.replace(plain, schedule="two_phase")
+  key = jax.random.key(9)
+  state0 = tuple(s._replace(z=jnp.array([[1.0], [0.0], [1.0]]), h=s.h + 0.5)
+                 for s in H.initial_state(plain, B))
+  weights = [jax.random.normal(jax.random.key(i), (steps, B, d)) for i, d in enumerate(sizes)]
+
+  def loss(params, state, xs, config, fast):
+    final, out = H.unroll(params, state, xs, 1.3, key, config=config, fast_backward=fast)
+    value = sum(jnp.sum(w * h) for w, h in zip(weights, out.h))
+    value += sum(jnp.sum(z * (l + 1.0)) for l, z in enumerate(out.z))
+    value += sum(jnp.sum(s.c ** 2) + jnp.sum(s.h) + jnp.sum(s.z) for s in final)
+    return value, (final, out)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=(3, 4))
+  for fast in (True, False) if len(sizes) == 3 and boundary == "step" else (True,):
+    (g_plain, aux_plain), (g_two, aux_two) = grad(params, state0, xs, plain, fast), grad(
+        params, state0, xs, two, fast)
+    flat_plain, flat_two = (jax.tree_util.tree_leaves(t) for t in ((g_plain, aux_plain), (g_two, aux_two)))
+    assert len(flat_plain) == len(flat_two)
+    for a, b in zip(flat_plain, flat_two):
+      if fast and boundary != "soft":
+        np.testing.assert_array_equal(a, b)
+      else:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sums, reordered
+  ops = H.operations(state0, aux_plain[1])
+  if len(sizes) > 1 and steps == T:
+    assert {int(v) for v in np.unique(np.asarray(ops[1]))} == {0, 1, 2}  # every operation ran
+
+
+def test_schedule_plans_and_critical_paths():
+  from hmlstm_jax import schedule
+  assert schedule.plan("layers", 3) == ((0, 0, 0), (0, 1, 2))
+  assert schedule.plan("layers", 3, backward=True) == ((0, 0, 0), (2, 1, 0))
+  assert schedule.plan("two_phase", 3) == ((0, 0, 1), (0, 2, 1))
+  assert schedule.plan("two_phase", 5) == ((0, 0, 1, 1, 2), (0, 2, 4, 1, 3))
+  assert schedule.plan("two_phase", 4, backward=True) == ((1, 1, 0, 0), (3, 1, 2, 0))
+  assert schedule.critical_path("layers", 3, 100) == 300
+  assert schedule.critical_path("two_phase", 3, 100) == 201
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    H.HMLSTMConfig(input_size=3, layer_sizes=(4,), schedule="diagonal")

@@ -47,3 +47,17 @@ def test_bad_rows_and_missing_files_are_one_clear_error(tmp_path):
   missing = _study(f"--manual_dir={tmp_path}", f"--workdir={tmp_path}", timeout=120)
   assert missing.returncode != 0 and "ptb.char.test.txt, ptb.char.valid.txt not in" in missing.stderr
   assert "Traceback" not in missing.stderr
+
+
+def test_diverged_seeds_are_reported_not_averaged():
+  from experiments import study
+  done = {"parameters": 10, "steps": 5, "valid": {"bpc": 2.0}, "test": {"bpc": 2.5}}
+  stop = {"diverged": "charlm: non-finite training loss (nan) or gradient norm (inf) in step 41 "
+                      "(steps 1-50 read back now); no checkpoint was written."}
+  half = study.summary([done, stop])
+  assert half["test_bpc"] == (2.5, 0.0) and half["seeds"] == 1 and half["diverged"] == [41]
+  both = study.summary([stop, stop])
+  assert both == {"seeds": 2, "diverged": [41, 41]}
+  text = study.table([("a", "one diverged", half), ("b", "both diverged", both)])
+  assert "2.500 ± 0.000 (1 more seed(s) diverged at step 41)" in text
+  assert "| b | both diverged | — | — | diverged at step 41, 41 |" in text
