@@ -3,16 +3,24 @@ r"""Training-step throughput: the HM-LSTM character LM against a Flax LSTM stack
     python -m experiments.benchmark              # PTB and Text8 shapes (minutes on a CPU)
     python -m experiments.benchmark --quick      # a small shape, seconds (what the tests run)
     python -m experiments.benchmark --shapes=ptb --json_out=bench.json
+    python -m experiments.benchmark --mode=profile --shapes=ptb   # where the step's time goes
     python -m experiments.benchmark --mode=loop --shapes=ptb   # the trainer's loop vs the bare step
 
 Both models are timed in one process with the same jitted step: forward, backward, global-norm
 clipping and an Adam update, on the same embedding (V → 128) and softmax. Reported per model:
 median and minimum step time after warm-up, tokens/s, compile time, the analytic matmul FLOPs
-of one step and the GFLOP/s they imply, peak memory of the compiled program, and the number of
-matmuls (``dot``) issued per step inside each ``while`` loop (forward scan and backward
-scan) of the compiled program. Beside them, the machine's own matmul rate at the shapes of the
-recurrence, and the HM-LSTM / LSTM time ratio. The row ``hm-autod`` is the same HM-LSTM
-differentiated by plain autodiff of the scan, to show what the custom backward buys.
+of one step, the GFLOP/s they imply and their fraction of the machine's rate (a 4096³ float32
+matmul, timed in the same run), peak memory of the compiled program, the number of matmuls
+(``dot``) issued per iteration of each ``while`` loop (forward scan and backward scan) of the
+compiled program and, in brackets, the longest chain of dependent ones among them. Beside
+them, the machine's matmul rate at the shapes of the recurrence, the HM-LSTM / LSTM time
+ratio, and the dependent layer-steps of each schedule. The row ``hm-autod`` is the same
+HM-LSTM differentiated by plain autodiff of the scan, to show what the custom backward buys;
+``hm-2ph`` runs the two-phase schedule (:mod:`hmlstm_jax.schedule`).
+
+``--mode=profile`` shows where each model's step time goes: XLA's per-instruction events from
+JAX's profiler, summed by category (matmul, element-wise, copy / transpose, dynamic slice,
+loop control) for the forward loops, the backward loops and the rest (:mod:`experiments.hlo`).
 
 ``--mode=loop`` measures what the trainer costs: the character LM at the shape, trained by the
 trainer's own loop (:meth:`hmlstm_jax.training.trainer.Run.train`: batches from the corpus,
@@ -44,6 +52,7 @@ import optax
 from experiments import charlm
 from experiments import hlo
 import hmlstm_jax as hm
+from hmlstm_jax import schedule
 from hmlstm_jax import files
 from hmlstm_jax.training import TrainConfig
 from hmlstm_jax.training import parallel
@@ -133,7 +142,7 @@ def _nll(logits, targets):
 
 
 def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str | None = None,
-                     fast_backward: bool = True):
+                     fast_backward: bool = True, schedule: str = "layers"):
   """(init_args, jitted step) for the HM-LSTM LM; the step returns (params, opt_state, state, loss).
 
   ``fast_backward=False`` differentiates the plain scan with autodiff (weight gradients
@@ -141,7 +150,7 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str |
   """
   config = hm.CharLMConfig(vocab_size=shape.vocab, layer_sizes=shape.layer_sizes,
                            output_size=shape.output_size, embed_size=shape.embed,
-                           layer_norm=layer_norm, matmul_dtype=matmul_dtype)
+                           layer_norm=layer_norm, matmul_dtype=matmul_dtype, schedule=schedule)
   opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
   params = hm.init_charlm(jax.random.key(0), config)
 
@@ -216,7 +225,8 @@ def time_step(make: Callable, shape: Shape, warmup: int, iters: int) -> dict:
   """Compiles and times one model's train step; returns its figures."""
   compiled, (params, opt_state, state), (inputs, targets, slope), compile_s = _compile(make, shape)
   memory = compiled.memory_analysis()
-  loops = hlo.loop_matmul_counts(compiled.as_text())
+  text = compiled.as_text()
+  loops, chains = hlo.loop_matmul_counts(text), hlo.loop_matmul_depths(text)
   times = []
   for i in range(warmup + iters):
     t0 = time.perf_counter()
@@ -235,6 +245,7 @@ def time_step(make: Callable, shape: Shape, warmup: int, iters: int) -> dict:
       "peak_memory_mb": _peak_bytes(memory) / 2**20,
       "temp_memory_mb": memory.temp_size_in_bytes / 2**20,
       "loop_matmuls_per_step": loops,
+      "loop_matmul_chain": chains,
   }
 
 
@@ -250,10 +261,12 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
   hm_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype), shape, warmup, iters)
   autodiff_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype, fast_backward=False),
                            shape, warmup, iters)
+  two_phase_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype, schedule="two_phase"),
+                            shape, warmup, iters)
   lstm_res = time_step(lambda s: make_lstm_step(s, dtype), shape, warmup, iters)
   hm_res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / hm_res["median_s"] / 1e9)
-  autodiff_res.update(step_gflop=hm_flops / 1e9,
-                      achieved_gflops=hm_flops / autodiff_res["median_s"] / 1e9)
+  for res in (autodiff_res, two_phase_res):
+    res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / res["median_s"] / 1e9)
   lstm_res.update(step_gflop=lstm_flops / 1e9, achieved_gflops=lstm_flops / lstm_res["median_s"] / 1e9)
   d, L = shape.layer_sizes, len(shape.layer_sizes)
   middle = 1 if L > 2 else 0
@@ -267,7 +280,7 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
           matmul_rate(shape.batch * shape.steps, d[0], 4 * d[0] + 1, repeats=4),
   }
   machine = next(iter(rates.values()))
-  for res in (hm_res, autodiff_res, lstm_res):
+  for res in (hm_res, autodiff_res, two_phase_res, lstm_res):
     res["fraction_of_machine"] = res["achieved_gflops"] / machine
   return {
       "shape": dataclasses.asdict(shape),
@@ -276,9 +289,12 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.local_device_count()}",
       "hmlstm": hm_res,
       "hmlstm_autodiff": autodiff_res,
+      "hmlstm_two_phase": two_phase_res,
       "lstm": lstm_res,
       "flop_ratio": hm_flops / lstm_flops,
       "time_ratio": hm_res["median_s"] / lstm_res["median_s"],
+      "two_phase_time_ratio": two_phase_res["median_s"] / lstm_res["median_s"],
+      "critical_path": {s: schedule.critical_path(s, L, shape.steps) for s in schedule.SCHEDULES},
       "machine_matmul_gflops": rates,
   }
 
@@ -313,19 +329,22 @@ def format_profiles(record: dict) -> str:
 def format_table(records: Sequence[dict]) -> str:
   """A plain-text table of :func:`run` records."""
   head = (f"{'shape':<7}{'model':<9}{'median s':>10}{'min s':>9}{'tok/s':>10}{'compile s':>11}"
-          f"{'GFLOP':>9}{'GFLOP/s':>9}{'machine':>8}{'peak MB':>9}  loop matmuls/step")
+          f"{'GFLOP':>9}{'GFLOP/s':>9}{'machine':>8}{'peak MB':>9}  loop matmuls/step (chain)")
   lines = [head, "-" * len(head)]
   for r in records:
-    for model, label in (("hmlstm", "hmlstm"), ("hmlstm_autodiff", "hm-autod"), ("lstm", "lstm")):
+    for model, label in (("hmlstm", "hmlstm"), ("hmlstm_autodiff", "hm-autod"),
+                         ("hmlstm_two_phase", "hm-2ph"), ("lstm", "lstm")):
       m = r[model]
       lines.append(
           f"{r['shape']['name']:<7}{label:<9}{m['median_s']:>10.4f}{m['min_s']:>9.4f}"
           f"{m['tokens_per_s']:>10.0f}{m['compile_s']:>11.1f}{m['step_gflop']:>9.2f}"
           f"{m['achieved_gflops']:>9.1f}{m['fraction_of_machine']:>8.0%}{m['peak_memory_mb']:>9.1f}"
-          f"  {m['loop_matmuls_per_step']}")
+          f"  {m['loop_matmuls_per_step']} ({m['loop_matmul_chain']})")
     rates = ", ".join(f"{k}: {v:.1f}" for k, v in r["machine_matmul_gflops"].items())
-    lines.append(f"{'':<7}{r['dtype']}, layer norm {r['layer_norm']}. HM-LSTM / LSTM: time {r['time_ratio']:.2f}x, FLOPs {r['flop_ratio']:.2f}x; "
-                 f"machine matmul GFLOP/s {rates}")
+    paths = ", ".join(f"{k} {v}" for k, v in r["critical_path"].items())
+    lines.append(f"{'':<7}{r['dtype']}, layer norm {r['layer_norm']}. HM-LSTM / LSTM: time {r['time_ratio']:.2f}x "
+                 f"(two-phase {r['two_phase_time_ratio']:.2f}x), FLOPs {r['flop_ratio']:.2f}x; "
+                 f"dependent layer-steps: {paths}; machine matmul GFLOP/s {rates}")
   lines.append(f"device: {records[0]['device']}")
   return "\n".join(lines)
 

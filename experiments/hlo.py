@@ -32,7 +32,21 @@ class Instruction:
   opcode: str
   computation: str
   callees: tuple[str, ...]
+  operands: tuple[str, ...]
   line: str
+
+
+def _operands(rhs: str, opcode: str) -> tuple[str, ...]:
+  """The names in an instruction's operand list ``opcode(%a, %b, ...)``."""
+  start = rhs.find(opcode + "(")
+  if start < 0:
+    return ()
+  depth, i = 0, start + len(opcode)
+  for j in range(i, len(rhs)):
+    depth += (rhs[j] == "(") - (rhs[j] == ")")
+    if depth == 0:
+      return tuple(re.findall(r"%([\w.\-]+)", rhs[i:j]))
+  return ()
 
 
 def _opcode(rhs: str) -> str:
@@ -66,8 +80,9 @@ def parse(hlo_text: str) -> dict[str, list[Instruction]]:
       if match:
         callees = re.findall(
             r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line)
-        computations[current].append(Instruction(match.group(1), _opcode(match.group(2)), current,
-                                                 tuple(callees), line))
+        opcode = _opcode(match.group(2))
+        computations[current].append(Instruction(match.group(1), opcode, current, tuple(callees),
+                                                 _operands(match.group(2), opcode), line))
   return computations
 
 
@@ -97,6 +112,30 @@ def loop_matmul_counts(hlo_text: str) -> list[int]:
     return total
 
   return [count(body) for ins in _instructions(computations) if ins.opcode == "while"
+          for body in re.findall(r"body=%?([\w.\-]+)", ins.line)]
+
+
+def loop_matmul_depths(hlo_text: str) -> list[int]:
+  """The longest chain of dependent matmuls in one iteration of each ``while`` loop, in
+  program order (what bounds a loop on an accelerator where each small matmul waits for the
+  one before it): dependences followed through the body's instructions, a fusion holding a
+  matmul counting as one, calls followed as one step."""
+  computations = parse(hlo_text)
+
+  def holds_matmul(ins: Instruction, seen: frozenset = frozenset()) -> bool:
+    return _is_matmul(ins) or ins.opcode != "while" and any(
+        holds_matmul(inner, seen | {callee}) for callee in ins.callees if callee not in seen
+        for inner in computations.get(callee, ()))
+
+  def depth(body: str) -> int:
+    instructions = {ins.name: ins for ins in computations.get(body, ())}
+    memo: dict[str, int] = {}
+    for ins in instructions.values():  # instructions come after their operands
+      below = max((memo.get(o, 0) for o in ins.operands if o in instructions), default=0)
+      memo[ins.name] = below + holds_matmul(ins)
+    return max(memo.values(), default=0)
+
+  return [depth(body) for ins in _instructions(computations) if ins.opcode == "while"
           for body in re.findall(r"body=%?([\w.\-]+)", ins.line)]
 
 

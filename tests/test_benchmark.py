@@ -20,7 +20,7 @@ def test_flop_counts_follow_the_equations():
 
 def test_quick_run_reports_every_figure_and_the_loop_structure(tmp_path):
   record = benchmark.run(benchmark.SHAPES["quick"], warmup=1, iters=2)
-  for model in ("hmlstm", "hmlstm_autodiff", "lstm"):
+  for model in ("hmlstm", "hmlstm_autodiff", "hmlstm_two_phase", "lstm"):
     m = record[model]
     assert m["median_s"] > 0 and m["min_s"] <= m["median_s"] and m["tokens_per_s"] > 0
     assert m["compile_s"] > 0 and m["peak_memory_mb"] > 0 and m["achieved_gflops"] > 0
@@ -28,6 +28,12 @@ def test_quick_run_reports_every_figure_and_the_loop_structure(tmp_path):
   # backward leaves every weight gradient out of the reverse scan.
   assert record["hmlstm"]["loop_matmuls_per_step"] == [3, 3]
   assert record["hmlstm_autodiff"]["loop_matmuls_per_step"] == [3, 6]  # dX and dW in the loop
+  assert record["hmlstm"]["loop_matmul_chain"] == [3, 3]  # layer 1 → 2 → 3 each step
+  # Two phases: layers 1 and 3, then layer 2; backward 3 and 1 then 2.
+  assert record["hmlstm_two_phase"]["loop_matmuls_per_step"] == [3, 3]
+  assert record["hmlstm_two_phase"]["loop_matmul_chain"] == [2, 2]
+  assert record["critical_path"] == {"layers": 60, "two_phase": 41}
+  assert 0 < record["hmlstm"]["fraction_of_machine"] < 2
   assert record["time_ratio"] > 0 and all(v > 0 for v in record["machine_matmul_gflops"].values())
   table = benchmark.format_table([record])
   assert "HM-LSTM / LSTM" in table and "quick" in table
