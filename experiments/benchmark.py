@@ -221,49 +221,55 @@ def _compile(make: Callable, shape: Shape):
   return compiled, (params, opt_state, state), batch, time.perf_counter() - t0
 
 
-def time_step(make: Callable, shape: Shape, warmup: int, iters: int) -> dict:
-  """Compiles and times one model's train step; returns its figures."""
-  compiled, (params, opt_state, state), (inputs, targets, slope), compile_s = _compile(make, shape)
-  memory = compiled.memory_analysis()
-  text = compiled.as_text()
-  loops, chains = hlo.loop_matmul_counts(text), hlo.loop_matmul_depths(text)
-  times = []
+def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int) -> dict:
+  """Compiles every model's train step, then times them in alternation: each round runs
+  every model once, so that the machine's drift (these machines are shared) falls on all
+  of them alike. Returns each model's figures."""
+  models = {}
+  for name, make in makes.items():
+    compiled, carry, batch, compile_s = _compile(make, shape)
+    memory = compiled.memory_analysis()
+    text = compiled.as_text()
+    models[name] = {"run": compiled, "carry": carry, "batch": batch, "times": [], "figures": {
+        "compile_s": compile_s,
+        "peak_memory_mb": _peak_bytes(memory) / 2**20,
+        "temp_memory_mb": memory.temp_size_in_bytes / 2**20,
+        "loop_matmuls_per_step": hlo.loop_matmul_counts(text),
+        "loop_matmul_chain": hlo.loop_matmul_depths(text)}}
   for i in range(warmup + iters):
-    t0 = time.perf_counter()
-    params, opt_state, state, loss = compiled(params, opt_state, state, inputs, targets, slope)
-    loss.block_until_ready()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  if not jnp.isfinite(loss):
-    raise FloatingPointError(f"non-finite loss {loss} in the benchmark step")
-  median = statistics.median(times)
-  return {
-      "median_s": median,
-      "min_s": min(times),
-      "tokens_per_s": shape.batch * shape.steps / median,
-      "compile_s": compile_s,
-      "peak_memory_mb": _peak_bytes(memory) / 2**20,
-      "temp_memory_mb": memory.temp_size_in_bytes / 2**20,
-      "loop_matmuls_per_step": loops,
-      "loop_matmul_chain": chains,
-  }
+    for model in models.values():
+      t0 = time.perf_counter()
+      *carry, loss = model["run"](*model["carry"], *model["batch"])
+      loss.block_until_ready()
+      model["carry"] = tuple(carry)
+      if i >= warmup:
+        model["times"].append(time.perf_counter() - t0)
+      if not jnp.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} in the benchmark step")
+  results = {}
+  for name, model in models.items():
+    median = statistics.median(model["times"])
+    results[name] = {"median_s": median, "min_s": min(model["times"]),
+                     "tokens_per_s": shape.batch * shape.steps / median, **model["figures"]}
+  return results
 
 
 def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
         dtype: str | None = None) -> dict:
-  """Times both models at ``shape`` in this process; returns one JSON-able record.
+  """Times the models at ``shape`` in this process, in alternation; returns one JSON-able
+  record.
 
   ``dtype='bfloat16'``: the HM-LSTM's matmul operands in bf16 (float32 accumulation and
   element-wise math) and the LSTM cells with ``dtype=bfloat16``.
   """
   hm_flops = train_step_flops(hmlstm_flops_per_token(shape), shape)
   lstm_flops = train_step_flops(lstm_flops_per_token(shape), shape)
-  hm_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype), shape, warmup, iters)
-  autodiff_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype, fast_backward=False),
-                           shape, warmup, iters)
-  two_phase_res = time_step(lambda s: make_hmlstm_step(s, layer_norm, dtype, schedule="two_phase"),
-                            shape, warmup, iters)
-  lstm_res = time_step(lambda s: make_lstm_step(s, dtype), shape, warmup, iters)
+  timed = time_steps({
+      "hmlstm": lambda s: make_hmlstm_step(s, layer_norm, dtype),
+      "hmlstm_autodiff": lambda s: make_hmlstm_step(s, layer_norm, dtype, fast_backward=False),
+      "hmlstm_two_phase": lambda s: make_hmlstm_step(s, layer_norm, dtype, schedule="two_phase"),
+      "lstm": lambda s: make_lstm_step(s, dtype)}, shape, warmup, iters)
+  hm_res, autodiff_res, two_phase_res, lstm_res = timed.values()
   hm_res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / hm_res["median_s"] / 1e9)
   for res in (autodiff_res, two_phase_res):
     res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / res["median_s"] / 1e9)
@@ -467,7 +473,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("quick", False, "Run only the small 'quick' shape (seconds; for CI and smoke tests).")
   flags.DEFINE_list("shapes", ["ptb", "text8"], f"Shapes to time, from {sorted(SHAPES)}.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-  flags.DEFINE_integer("iters", 5, "Timed steps per model; the median and minimum are reported.")
+  flags.DEFINE_integer("iters", 5, "Timed steps per model (the models in alternation); the "
+                       "median and minimum are reported.")
   flags.DEFINE_integer("profile_runs", 3, "--mode=profile: traced steps per model (averaged).")
   flags.DEFINE_integer("rounds", 3, "--mode=loop: alternating rounds of each.")
   flags.DEFINE_integer("round_steps", 10, "--mode=loop: steps per round.")
