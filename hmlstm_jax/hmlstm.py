@@ -216,7 +216,8 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
 
   Per layer, the inputs are (layer 1's W x_t or ``None``, its boundary noise or ``None``) and
   the outputs (h, z) and, with ``keep_residuals``, what the custom backward of
-  :func:`_recurrence` keeps: the layer's state before the step, its matmul inputs and outputs.
+  :func:`_recurrence` keeps besides: c and the matmul outputs. (The state before each step
+  and the matmul inputs follow from h, z and c after the loop: fewer buffers written in it.)
   """
   def body(state, xs_t, layers, active):
     state, ys = list(state), [None] * len(state)
@@ -229,7 +230,7 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
       c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
                             noise, config.boundary)
       state[layer] = schedule_lib.keep(active[layer], LayerState(h=h, c=c, z=z), own)
-      ys[layer] = (h, z) + ((own, ins, projs) if keep_residuals else ())
+      ys[layer] = (h, z) + ((c, projs) if keep_residuals else ())
     return tuple(state), tuple(ys)
   return body
 
@@ -277,9 +278,17 @@ def _recurrence(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1,
 
 def _recurrence_fwd(config, small, kernels, state, bottom_up_1, slope, noise):
   final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, True)
-  hs, zs, prev, ins, projs = (tuple(y[i] for y in ys) for i in range(5))
-  residuals = (small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise)
+  hs, zs, cs, projs = (tuple(y[i] for y in ys) for i in range(4))
+  residuals = (small, kernels, state, hs, zs, cs, projs, bottom_up_1, slope, noise)
   return (final, hs, zs), residuals
+
+
+def _states_before(state: State, hs, zs, cs) -> State:
+  """Every layer's state before each step, (T, B, ·): the initial state, then the outputs
+  of steps 0 … T-2."""
+  shift = lambda first, xs: jnp.concatenate([first[None], xs[:-1]], axis=0)
+  return tuple(LayerState(h=shift(s.h, h), c=shift(s.c, c), z=shift(s.z, z))
+               for s, h, z, c in zip(state, hs, zs, cs))
 
 
 def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
@@ -325,10 +334,15 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
 
 
 def _recurrence_bwd(config, residuals, cotangents):
-  small, kernels, prev, hs, zs, ins, projs, bottom_up_1, slope, noise = residuals
+  small, kernels, state, hs, zs, cs, projs, bottom_up_1, slope, noise = residuals
   d_final, d_hs, d_zs = cotangents
   L, T = config.num_layers, bottom_up_1.shape[0]
   dtype = config.matmul_dtype
+  prev = _states_before(state, hs, zs, cs)
+  ins = tuple(cell.matmul_inputs(config.layer_norm, prev[l].h, prev[l].z,
+                                 prev[l + 1].h if l < L - 1 else None,
+                                 zs[l - 1] if l else jnp.ones_like(zs[0]), hs[l - 1] if l else None)
+              for l in range(L))
   inputs = _per_layer_inputs(config, bottom_up_1, noise)
   xs = tuple((prev[l], prev[l + 1].h if l < L - 1 else None, hs[l - 1] if l else None,
               zs[l - 1] if l else None, projs[l], inputs[l][0], inputs[l][1], d_hs[l], d_zs[l])
