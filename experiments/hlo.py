@@ -265,5 +265,7 @@ def format_profile(name: str, record: dict) -> str:
   region_sums = [sum(record["ms"].get(r, {}).values()) for r in regions]
   lines.append(f"{'sum':<18}" + "".join(f"{v:>16.1f}" for v in region_sums)
                + f"{busy:>10.1f}{100.0:>7.1f}")
-  lines.append(f"traced wall time per step {record['wall_ms']:.1f} ms")
+  gap = record["wall_ms"] - busy
+  lines.append(f"traced wall time per step {record['wall_ms']:.1f} ms; wall − sum {gap:+.1f} ms "
+               f"({'time between instructions' if gap >= 0 else 'instructions overlapped'})")
   return "\n".join(lines)
