@@ -409,8 +409,9 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
   """Runs :func:`step` over a time-major sequence with ``lax.scan``.
 
   The first layer's bottom-up projection W_01 x_t (Eq. 7) is computed for all T steps as one
-  matmul before the scan; inside the scan each layer does one fused matmul per step. With
-  ``fast_backward`` (the default) the gradient is the custom backward of
+  matmul before the scan; inside the scan each layer does one fused matmul per step, the
+  layers in the order of ``config.schedule`` (:mod:`hmlstm_jax.schedule`; the same numbers
+  either way). With ``fast_backward`` (the default) the gradient is the custom backward of
   :func:`_recurrence`: the same numbers as autodiff of the plain scan, with every weight
   gradient taken after the reverse scan as one matmul over all T·B rows.
 
