@@ -183,77 +183,119 @@ def _loop_of(computations: dict[str, list[Instruction]]) -> dict[str, str]:
   return owner
 
 
+def union_ms(intervals) -> float:
+  """The time covered by at least one of ``intervals`` ((start_ns, end_ns) pairs), in ms."""
+  total, reach = 0, None
+  for start, end in sorted(intervals):
+    if reach is None or start > reach:
+      total, reach = total + (end - start), end
+    elif end > reach:
+      total, reach = total + (end - reach), end
+  return total / 1e6
+
+
+def _trace(run: Callable[[], None]):
+  """One call of ``run`` under JAX's profiler; its ``ProfileData``."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      run()
+    paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    if not paths:
+      raise RuntimeError("JAX's profiler wrote no trace")
+    return jax.profiler.ProfileData.from_file(paths[0])
+
+
+def _span_ms(events) -> float:
+  """From the first event's start to the last one's end, in ms (events end with start, end)."""
+  return (max(e[-1] for e in events) - min(e[-2] for e in events)) / 1e6
+
+
+def region_walls(events, region_of) -> dict[str, float]:
+  """Wall time per region of one run, in ms.
+
+  ``events``: (instruction name, loop or ``None``, start_ns, end_ns). A loop's wall time is
+  the span from the first of its instructions' events to the end of the last; a region's
+  (forward loops, backward loops) the union of its loops' spans (``region_of``: loop →
+  region); "outside loops" is the rest of the run's span.
+  """
+  spans: dict[str, list[int]] = {}
+  for _, loop, start, end in events:
+    if loop is not None:
+      span = spans.setdefault(loop, [start, end])
+      span[0], span[1] = min(span[0], start), max(span[1], end)
+  walls = {region: union_ms([tuple(spans[l]) for l in spans if region_of[l] == region])
+           for region in ("forward loops", "backward loops")}
+  walls["outside loops"] = (_span_ms(events) - walls["forward loops"]
+                            - walls["backward loops"])
+  return walls
+
+
 def profile(run: Callable[[], None], hlo_text: str, runs: int = 3) -> dict:
   """Where the time of ``run`` (one call of the compiled program ``hlo_text``) goes.
 
-  Traces ``runs`` calls with JAX's profiler and reads XLA's per-instruction events (their
-  ``hlo_op`` names): each is charged to a :data:`CATEGORIES` entry and to a region, the
-  forward loops (the first half of the ``while`` loops, by the time they start), the backward
-  loops (the second half) or outside the loops. Containers are not charged themselves; the
-  gap between a loop's time and its instructions' (the runtime's dispatch of each iteration)
-  is reported under ``"loop control"``.
+  Traces ``runs`` calls, one trace each, with JAX's profiler and reads XLA's per-instruction
+  events (their ``hlo_op`` names): each is charged to a :data:`CATEGORIES` entry and to a
+  region, the forward loops (the first half of the ``while`` loops, by the time they start),
+  the backward loops (the second half) or outside the loops. Containers are not charged
+  themselves. Beside the events' sums, each region's wall time (:func:`region_walls`): an
+  event can be shorter than its work (XLA:CPU records only the launch of a large matmul,
+  which then runs asynchronously) or overlap others (instructions on several threads), so
+  only the wall times add up to the step.
 
   Returns:
-    ``{"wall_ms", "busy_ms", "ms": {region: {category: ms}}}`` per call: the traced wall time,
-    the summed instruction time (may exceed the wall time where instructions ran on several
-    threads at once) and the breakdown.
+    ``{"wall_ms", "busy_ms", "ms": {region: {category: ms}}, "wall": {region: ms}}``, means
+    per call: the traced wall time (first to last instruction event), the summed event time,
+    the breakdown of the events and the regions' wall times.
   """
   computations = parse(hlo_text)
   by_name = {ins.name: ins for ins in _instructions(computations)}
   loop_of = _loop_of(computations)
   conditions = frozenset(c for ins in _instructions(computations) if ins.opcode == "while"
                          for c in re.findall(r"condition=%?([\w.\-]+)", ins.line))
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      for _ in range(runs):
-        run()
-    paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-    if not paths:
-      raise RuntimeError("JAX's profiler wrote no trace")
-    data = jax.profiler.ProfileData.from_file(paths[0])
-  events, loops, first, last = [], {}, None, None
-  for plane in data.planes:
-    for line in plane.lines:
-      for event in line.events:
-        stats = dict(event.stats)
-        name = stats.get("hlo_op")
-        if name not in by_name:
-          continue
-        start, end = event.start_ns, event.start_ns + event.duration_ns
-        first = start if first is None else min(first, start)
-        last = end if last is None else max(last, end)
-        ins = by_name[name]
-        if ins.opcode == "while":
-          loops.setdefault(name, []).append((start, event.duration_ns))
-        events.append((ins, event.duration_ns))
-  if not events:
-    raise RuntimeError("the trace holds no XLA instruction events (is this backend's per-op "
-                       "tracing on?)")
-  order = sorted(loops, key=lambda n: min(s for s, _ in loops[n]))
-  half = len(order) // 2
-  region_of_loop = {n: ("forward loops" if i < half else "backward loops") for i, n in enumerate(order)}
   ms: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-  loop_busy: dict[str, float] = collections.defaultdict(float)
-  for ins, duration in events:
-    loop = loop_of.get(ins.computation)
-    region = region_of_loop.get(loop, "outside loops")
-    kind = category(ins, computations, conditions)
-    if kind is not None:
-      ms[region][kind] += duration / 1e6 / runs
-      if loop is not None:
-        loop_busy[loop] += duration / 1e6 / runs
-  for loop, spans in loops.items():
-    gap = sum(d for _, d in spans) / 1e6 / runs - loop_busy[loop]
-    ms[region_of_loop[loop]]["loop control"] += max(gap, 0.0)
+  walls: dict[str, float] = collections.defaultdict(float)
+  wall_ms = 0.0
+  for _ in range(runs):
+    data = _trace(run)
+    events, loop_starts = [], {}
+    for plane in data.planes:
+      for line in plane.lines:
+        for event in line.events:
+          ins = by_name.get(dict(event.stats).get("hlo_op"))
+          if ins is None:
+            continue
+          start, end = event.start_ns, event.start_ns + event.duration_ns
+          if ins.opcode == "while":
+            loop_starts[ins.name] = min(start, loop_starts.get(ins.name, start))
+          events.append((ins, loop_of.get(ins.computation), start, end))
+    if not events:
+      raise RuntimeError("the trace holds no XLA instruction events (is this backend's per-op "
+                         "tracing on?)")
+    order = sorted(loop_starts, key=loop_starts.get)
+    half = len(order) // 2
+    region_of = {n: ("forward loops" if i < half else "backward loops") for i, n in enumerate(order)}
+    region_of.update({loop: "outside loops" for _, loop, _, _ in events
+                      if loop is not None and loop not in region_of})
+    for ins, loop, start, end in events:
+      kind = category(ins, computations, conditions)
+      if kind is not None:
+        ms[region_of.get(loop, "outside loops")][kind] += (end - start) / 1e6 / runs
+    timed = [(ins.name, loop if region_of.get(loop) != "outside loops" else None, start, end)
+             for ins, loop, start, end in events]
+    for region, value in region_walls(timed, region_of).items():
+      walls[region] += value / runs
+    wall_ms += _span_ms(events) / runs
   return {
-      "wall_ms": (last - first) / 1e6 / runs,
+      "wall_ms": wall_ms,
       "busy_ms": sum(v for region in ms.values() for v in region.values()),
       "ms": {region: dict(values) for region, values in ms.items()},
+      "wall": dict(walls),
   }
 
 
 def format_profile(name: str, record: dict) -> str:
-  """A small table: category, ms and % of the summed time, per region and in all."""
+  """A small table: category, ms and % of the summed event time, per region and in all;
+  then each region's wall time and what it holds beyond its events."""
   regions = ("forward loops", "backward loops", "outside loops")
   totals = {c: sum(record["ms"].get(r, {}).get(c, 0.0) for r in regions) for c in CATEGORIES}
   busy = sum(totals.values()) or 1.0
@@ -263,9 +305,15 @@ def format_profile(name: str, record: dict) -> str:
     lines.append(f"{c:<18}" + "".join(f"{record['ms'].get(r, {}).get(c, 0.0):>16.1f}" for r in regions)
                  + f"{totals[c]:>10.1f}{100 * totals[c] / busy:>7.1f}")
   region_sums = [sum(record["ms"].get(r, {}).values()) for r in regions]
-  lines.append(f"{'sum':<18}" + "".join(f"{v:>16.1f}" for v in region_sums)
+  lines.append(f"{'sum of events':<18}" + "".join(f"{v:>16.1f}" for v in region_sums)
                + f"{busy:>10.1f}{100.0:>7.1f}")
-  gap = record["wall_ms"] - busy
-  lines.append(f"traced wall time per step {record['wall_ms']:.1f} ms; wall − sum {gap:+.1f} ms "
-               f"({'time between instructions' if gap >= 0 else 'instructions overlapped'})")
+  region_walls = [record["wall"].get(r, 0.0) for r in regions]
+  lines.append(f"{'wall time':<18}" + "".join(f"{v:>16.1f}" for v in region_walls)
+               + f"{record['wall_ms']:>10.1f}")
+  lines.append(f"{'wall − events':<18}" + "".join(f"{w - v:>+16.1f}" for w, v in
+                                                zip(region_walls, region_sums))
+               + f"{record['wall_ms'] - busy:>+10.1f}")
+  lines.append("wall − events: + where work ran past its event (XLA:CPU's large matmuls run on "
+               "after their launch)\n               or nothing ran; − where events ran on several "
+               "threads at once")
   return "\n".join(lines)

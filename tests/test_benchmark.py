@@ -133,6 +133,24 @@ def test_profile_mode_charges_both_loops_and_formats_a_table():
     assert ms["forward loops"]["matmul"] > 0 and ms["backward loops"]["matmul"] > 0
     assert ms["forward loops"]["element-wise"] > 0 and record[model]["wall_ms"] > 0
     assert set().union(*ms.values()) <= set(hlo.CATEGORIES)
+    walls = record[model]["wall"]
+    assert all(walls[r] > 0 for r in ("forward loops", "backward loops", "outside loops"))
+    assert sum(walls.values()) == pytest.approx(record[model]["wall_ms"])
   table = benchmark.format_profiles(record)
-  assert "quick hmlstm" in table and "quick lstm" in table and "traced wall time" in table
+  assert "quick hmlstm" in table and "quick lstm" in table and "wall time" in table
   json.dumps(record)
+
+
+def test_union_and_region_walls_count_overlapping_time_once():
+  assert hlo.union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000),
+                       (5_500_000, 5_700_000)]) == pytest.approx(4.0)
+  assert hlo.union_ms([]) == 0.0
+  # Two forward loops overlapping in time, one backward loop; a gap between them is outside.
+  events = [("a", "w1", 10_000_000, 12_000_000), ("b", "w1", 13_000_000, 14_000_000),
+            ("c", "w2", 13_500_000, 15_000_000), ("d", None, 0, 1_000_000),
+            ("e", "w3", 20_000_000, 21_000_000), ("f", "w3", 24_000_000, 25_000_000),
+            ("g", None, 25_000_000, 30_000_000)]
+  walls = hlo.region_walls(events, {"w1": "forward loops", "w2": "forward loops",
+                                    "w3": "backward loops"})
+  assert walls == pytest.approx({"forward loops": 5.0, "backward loops": 5.0,
+                                 "outside loops": 20.0})
