@@ -20,7 +20,8 @@ HM-LSTM differentiated by plain autodiff of the scan, to show what the custom ba
 
 ``--mode=profile`` shows where each model's step time goes: XLA's per-instruction events from
 JAX's profiler, summed by category (matmul, element-wise, copy / transpose, dynamic slice,
-loop control) for the forward loops, the backward loops and the rest (:mod:`experiments.hlo`).
+loop control) for the forward loops, the backward loops and the rest, and each of these
+regions' wall time (:mod:`experiments.hlo`).
 
 ``--mode=loop`` measures what the trainer costs: the character LM at the shape, trained by the
 trainer's own loop (:meth:`hmlstm_jax.training.trainer.Run.train`: batches from the corpus,
