@@ -201,13 +201,14 @@ def _layer_core(small, projections, bottom_up, c_prev, h_prev, z_prev, z_below, 
                            ln_c=small.get("ln_c"), noise=noise)
 
 
-def _layer_context(state: State, layer: int):
-  """(h_above, h_below, z_below) of ``layer`` from ``state``, in which the layer below has
-  already taken this step and the layer above has not (h_above at t-1; below at t)."""
-  h_above = state[layer + 1].h if layer < len(state) - 1 else None
+def _layer_context(above: State, below: State, layer: int):
+  """(h_above, h_below, z_below) of ``layer`` (Eq. 6-7): h^(ℓ+1)_{t-1} from ``above``,
+  h^(ℓ-1)_t and z^(ℓ-1)_t from ``below``. One step (the same state, in which the layer below
+  has already taken this step and the layer above has not) or stacked over time."""
+  h_above = above[layer + 1].h if layer < len(above) - 1 else None
   if layer == 0:
-    return h_above, None, jnp.ones_like(state[0].z)  # z^0_t = 1; h^0_t enters as bottom_up
-  return h_above, state[layer - 1].h, state[layer - 1].z
+    return h_above, None, jnp.ones_like(below[0].z)  # z^0_t = 1; h^0_t enters as bottom_up
+  return h_above, below[layer - 1].h, below[layer - 1].z
 
 
 def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: bool):
@@ -224,7 +225,7 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
     for layer in layers:
       bottom_up, noise = xs_t[layer]
       own = state[layer]
-      h_above, h_below, z_below = _layer_context(state, layer)
+      h_above, h_below, z_below = _layer_context(state, state, layer)
       ins = cell.matmul_inputs(config.layer_norm, own.h, own.z, h_above, z_below, h_below)
       projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
       c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
@@ -309,8 +310,6 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
       d_h, d_z = acc[layer].h + dh_t, acc[layer].z + dz_t
       if layer < L - 1:
         d_h, d_z = d_h + below[layer][0], d_z + below[layer][1] + below[layer][2]
-      if layer == 0:
-        z_below = jnp.ones_like(own.z)
       core = lambda sm, pr, b, c, h, z, zb: _layer_core(sm, pr, b, c, h, z, zb, slope, noise,
                                                          config.boundary)
       _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
@@ -339,14 +338,13 @@ def _recurrence_bwd(config, residuals, cotangents):
   L, T = config.num_layers, bottom_up_1.shape[0]
   dtype = config.matmul_dtype
   prev = _states_before(state, hs, zs, cs)
-  ins = tuple(cell.matmul_inputs(config.layer_norm, prev[l].h, prev[l].z,
-                                 prev[l + 1].h if l < L - 1 else None,
-                                 zs[l - 1] if l else jnp.ones_like(zs[0]), hs[l - 1] if l else None)
-              for l in range(L))
+  outs = tuple(LayerState(h=h, c=c, z=z) for h, c, z in zip(hs, cs, zs))
+  context = [_layer_context(prev, outs, l) for l in range(L)]  # (h_above, h_below, z_below)
+  ins = tuple(cell.matmul_inputs(config.layer_norm, prev[l].h, prev[l].z, h_above, z_below,
+                                 h_below)
+              for l, (h_above, h_below, z_below) in enumerate(context))
   inputs = _per_layer_inputs(config, bottom_up_1, noise)
-  xs = tuple((prev[l], prev[l + 1].h if l < L - 1 else None, hs[l - 1] if l else None,
-              zs[l - 1] if l else None, projs[l], inputs[l][0], inputs[l][1], d_hs[l], d_zs[l])
-             for l in range(L))
+  xs = tuple((prev[l], *context[l], projs[l], *inputs[l], d_hs[l], d_zs[l]) for l in range(L))
   below = tuple((jnp.zeros_like(d_final[l].h), jnp.zeros_like(d_final[l].z),
                  jnp.zeros_like(d_final[l].z)) for l in range(L - 1))
   lags, order = schedule_lib.plan(config.schedule, L, backward=True)
