@@ -211,15 +211,24 @@ def _peak_bytes(memory) -> int:
                   + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
-def _compile(make: Callable, shape: Shape):
-  """One model's step compiled at ``shape``: (compiled, its first state, the batch's
-  arguments, compile seconds)."""
-  (params, opt_state, state), step = make(shape)
-  tokens = jax.random.randint(jax.random.key(1), (shape.batch, shape.steps + 1), 0, shape.vocab)
-  batch = (tokens[:, :-1], tokens[:, 1:], jnp.float32(1.0))
-  t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, state, *batch).compile()
-  return compiled, (params, opt_state, state), batch, time.perf_counter() - t0
+class _Compiled:
+  """One model's train step compiled at a shape, on one batch, carrying its own state."""
+
+  def __init__(self, make: Callable, shape: Shape):
+    (params, opt_state, state), step = make(shape)
+    tokens = jax.random.randint(jax.random.key(1), (shape.batch, shape.steps + 1), 0, shape.vocab)
+    self.batch = (tokens[:, :-1], tokens[:, 1:], jnp.float32(1.0))
+    self.carry = (params, opt_state, state)
+    t0 = time.perf_counter()
+    self.compiled = step.lower(*self.carry, *self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def step(self) -> jax.Array:
+    """Runs one step to completion, keeps its new state; returns the loss."""
+    *carry, loss = self.compiled(*self.carry, *self.batch)
+    loss.block_until_ready()
+    self.carry = tuple(carry)
+    return loss
 
 
 def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int) -> dict:
@@ -228,11 +237,11 @@ def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int
   of them alike. Returns each model's figures."""
   models = {}
   for name, make in makes.items():
-    compiled, carry, batch, compile_s = _compile(make, shape)
-    memory = compiled.memory_analysis()
-    text = compiled.as_text()
-    models[name] = {"run": compiled, "carry": carry, "batch": batch, "times": [], "figures": {
-        "compile_s": compile_s,
+    run = _Compiled(make, shape)
+    memory = run.compiled.memory_analysis()
+    text = run.compiled.as_text()
+    models[name] = {"run": run, "times": [], "figures": {
+        "compile_s": run.compile_s,
         "peak_memory_mb": _peak_bytes(memory) / 2**20,
         "temp_memory_mb": memory.temp_size_in_bytes / 2**20,
         "loop_matmuls_per_step": hlo.loop_matmul_counts(text),
@@ -240,9 +249,7 @@ def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int
   for i in range(warmup + iters):
     for model in models.values():
       t0 = time.perf_counter()
-      *carry, loss = model["run"](*model["carry"], *model["batch"])
-      loss.block_until_ready()
-      model["carry"] = tuple(carry)
+      loss = model["run"].step()
       if i >= warmup:
         model["times"].append(time.perf_counter() - t0)
       if not jnp.isfinite(loss):
@@ -271,8 +278,7 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
       "hmlstm_two_phase": lambda s: make_hmlstm_step(s, layer_norm, dtype, schedule="two_phase"),
       "lstm": lambda s: make_lstm_step(s, dtype)}, shape, warmup, iters)
   hm_res, autodiff_res, two_phase_res, lstm_res = timed.values()
-  hm_res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / hm_res["median_s"] / 1e9)
-  for res in (autodiff_res, two_phase_res):
+  for res in (hm_res, autodiff_res, two_phase_res):
     res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / res["median_s"] / 1e9)
   lstm_res.update(step_gflop=lstm_flops / 1e9, achieved_gflops=lstm_flops / lstm_res["median_s"] / 1e9)
   d, L = shape.layer_sizes, len(shape.layer_sizes)
@@ -314,16 +320,9 @@ def profile_models(shape: Shape, runs: int = 3, layer_norm: bool = False,
             "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
   for name, make in (("hmlstm", lambda s: make_hmlstm_step(s, layer_norm, dtype)),
                      ("lstm", lambda s: make_lstm_step(s, dtype))):
-    compiled, carry, batch, _ = _compile(make, shape)
-
-    def one_step():
-      nonlocal carry
-      *new, loss = compiled(*carry, *batch)
-      loss.block_until_ready()
-      carry = tuple(new)
-
-    one_step()  # warm-up, outside the trace
-    record[name] = hlo.profile(one_step, compiled.as_text(), runs)
+    run = _Compiled(make, shape)
+    run.step()  # warm-up, outside the trace
+    record[name] = hlo.profile(run.step, run.compiled.as_text(), runs)
   return record
 
 

@@ -213,10 +213,10 @@ def _span_ms(events) -> float:
 def region_walls(events, region_of) -> dict[str, float]:
   """Wall time per region of one run, in ms.
 
-  ``events``: (instruction name, loop or ``None``, start_ns, end_ns). A loop's wall time is
-  the span from the first of its instructions' events to the end of the last; a region's
+  ``events``: (instruction, loop or ``None``, start_ns, end_ns). A loop's wall time is the
+  span from the first of its instructions' events to the end of the last; a region's
   (forward loops, backward loops) the union of its loops' spans (``region_of``: loop →
-  region); "outside loops" is the rest of the run's span.
+  region); "outside loops" is the rest of the run's span, loops charged there included.
   """
   spans: dict[str, list[int]] = {}
   for _, loop, start, end in events:
@@ -280,9 +280,7 @@ def profile(run: Callable[[], None], hlo_text: str, runs: int = 3) -> dict:
       kind = category(ins, computations, conditions)
       if kind is not None:
         ms[region_of.get(loop, "outside loops")][kind] += (end - start) / 1e6 / runs
-    timed = [(ins.name, loop if region_of.get(loop) != "outside loops" else None, start, end)
-             for ins, loop, start, end in events]
-    for region, value in region_walls(timed, region_of).items():
+    for region, value in region_walls(events, region_of).items():
       walls[region] += value / runs
     wall_ms += _span_ms(events) / runs
   return {

@@ -30,10 +30,10 @@ def term(h, w, ln_params, d):
   if ln_params is None:
     return out
   gates = out[:4 * d]
-  mu = gates.mean()
-  sd = np.sqrt(((gates - mu) ** 2).mean() + EPS)
   if len(ln_params["scale"]) == 4 * d:
     return np.concatenate([ln(gates, ln_params), out[4 * d:]])
+  mu = gates.mean()
+  sd = np.sqrt(((gates - mu) ** 2).mean() + EPS)
   z_row = (out[4 * d:] - mu) / sd * ln_params["scale"][4 * d:] + ln_params["bias"][4 * d:]
   return np.concatenate([ln(gates, {k: v[:4 * d] for k, v in ln_params.items()}), z_row])
 
