@@ -472,13 +472,16 @@ def define_flags() -> None:
                     "step.")
   flags.DEFINE_bool("quick", False, "Run only the small 'quick' shape (seconds; for CI and smoke tests).")
   flags.DEFINE_list("shapes", ["ptb", "text8"], f"Shapes to time, from {sorted(SHAPES)}.")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0)
   flags.DEFINE_integer("iters", 5, "Timed steps per model (the models in alternation); the "
-                       "median and minimum are reported.")
-  flags.DEFINE_integer("profile_runs", 3, "--mode=profile: traced steps per model (averaged).")
-  flags.DEFINE_integer("rounds", 3, "--mode=loop: alternating rounds of each.")
-  flags.DEFINE_integer("round_steps", 10, "--mode=loop: steps per round.")
-  flags.DEFINE_integer("log_every", 5, "--mode=loop: the trainer's progress-line cadence.")
+                       "median and minimum are reported.", lower_bound=1)
+  flags.DEFINE_integer("profile_runs", 3, "--mode=profile: traced steps per model (averaged).",
+                       lower_bound=1)
+  flags.DEFINE_integer("rounds", 3, "--mode=loop: alternating rounds of each.",
+                       lower_bound=1)
+  flags.DEFINE_integer("round_steps", 10, "--mode=loop: steps per round.", lower_bound=1)
+  flags.DEFINE_integer("log_every", 5, "--mode=loop: the trainer's progress-line cadence.",
+                       lower_bound=1)
   flags.DEFINE_bool("layer_norm", False, "Time the HM-LSTM with layer normalisation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Matmul operand dtype of both models (bfloat16: float32 accumulation).")

@@ -1,10 +1,15 @@
 """The benchmark binary's structure and bookkeeping (its timings are figures, not tests)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from experiments import benchmark
 from experiments import hlo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_flop_counts_follow_the_equations():
@@ -154,3 +159,17 @@ def test_union_and_region_walls_count_overlapping_time_once():
                                     "w3": "backward loops"})
   assert walls == pytest.approx({"forward loops": 5.0, "backward loops": 5.0,
                                  "outside loops": 20.0})
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--quick", "--iters=0"), "flag --iters=0: 0 is not a positive integer"),
+    (("--mode=profile", "--quick", "--profile_runs=0"), "flag --profile_runs=0"),
+    (("--shapes=nope",), "unknown shapes ['nope']"),
+])
+def test_bad_flags_are_one_clear_error(args, message, tmp_path):
+  out = tmp_path / "bench.json"
+  result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args,
+                           f"--json_out={out}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode != 0 and message in result.stderr
+  assert "Traceback" not in result.stderr and not out.exists()
