@@ -34,7 +34,9 @@ def layer_norm(x: jax.Array, ln: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def standardize(x: jax.Array, stats_of: jax.Array) -> jax.Array:
-  """(x − mean) / sqrt(var + ε) with the mean and variance of ``stats_of`` over its last axis."""
+  """(x − mean) / sqrt(var + ε) with the mean and variance of ``stats_of`` over its last axis:
+  layer norm's standardisation (Ba et al.) of the terms of Eq. 5-7, whose ž row, with
+  ``ln_boundary``, takes the gate rows' statistics (decisions.md §3)."""
   mean = jnp.mean(stats_of, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(stats_of - mean), axis=-1, keepdims=True)
   return (x - mean) * jax.lax.rsqrt(var + LN_EPSILON)
