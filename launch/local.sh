@@ -35,6 +35,7 @@ mkdir -p "$logdir"
 
 pids=()
 for ((i = 0; i < num; i++)); do
+  : >"$logdir/process_$i.log"  # here, not in the background child: the tail below needs it now
   JAX_PLATFORMS=cpu \
   XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$num" JAX_PROCESS_ID="$i" \
