@@ -107,7 +107,7 @@ class CharLM(Experiment):
   def loss(self, params, carry, batch, slope, key):
     nll, outs = models.charlm_loss(params, carry, batch.inputs, batch.targets, slope, key,
                                    config=self.model)
-    return nll, (outs.final_state, {})
+    return nll, (outs.final_state, analysis.boundary_rates(outs.rnn))
 
   def eval_sums(self, params, carry, batch, slope):
     """NLL sum and count; for the HM-LSTM the (COPY, UPDATE, FLUSH) counts per layer and each
@@ -125,6 +125,7 @@ class CharLM(Experiment):
     result = {"nll": nll, "bpc": nll / math.log(2), "chars": int(sums["count"])}
     if "op_counts" in sums:  # per layer (COPY, UPDATE, FLUSH); per label P / R / F1
       result.update(analysis.boundary_results(sums, self.label_names))
+      result.update(analysis.boundary_scalars(result))
     return result
 
   def summary_lines(self, name, result):

@@ -135,9 +135,9 @@ class Handwriting(Experiment):
     return ()  # whole sequences: every batch starts from the initial state
 
   def loss(self, params, carry, batch, slope, key):
-    nll, _ = hw.handwriting_loss(params, batch.inputs, batch.targets, batch.mask, slope, key,
-                                 config=self.model)
-    return nll, (carry, {})
+    nll, outs = hw.handwriting_loss(params, batch.inputs, batch.targets, batch.mask, slope, key,
+                                    config=self.model)
+    return nll, (carry, analysis.boundary_rates(outs.rnn, batch.mask))
 
   def eval_sums(self, params, carry, batch, slope):
     """Log-likelihood sum over sequences, sequence and point counts; for the HM-LSTM the
@@ -158,6 +158,7 @@ class Handwriting(Experiment):
               "sequences": int(sums["sequences"]), "points": int(sums["points"])}
     if "op_counts" in sums:
       result.update(analysis.boundary_results(sums, self.label_names))
+      result.update(analysis.boundary_scalars(result))
     return result
 
   def summary_lines(self, name, result):

@@ -51,13 +51,20 @@ ROWS = (
      ("--model=lstm", "--layer_sizes=150,150,150", "--output_head=top")),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
+#: The protocols: flags on top of each row's. ``short`` is study.flags as written (3 epochs,
+#: 414 steps); ``long`` trains 20 epochs (2,760 steps: the slope reaches 1.8, and the
+#: learning rate drops on plateau happen).
+PROTOCOLS = {"short": (), "long": ("--num_epochs=20",)}
 QUICK = ("--layer_sizes=8,8,8", "--output_size=8", "--embed_size=8", "--num_epochs=0.02",
          "--eval_every=1000", "--batch_size=8", "--eval_batch_size=64")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ",".join(ROW_NAMES), f"Rows to run, from {', '.join(ROW_NAMES)}.")
 flags.DEFINE_list("seeds", "0,1", "Seeds (--seed of each run); the table gives mean and spread.")
-flags.DEFINE_string("workdir", "workdirs/study", "Where the runs and the table go.")
+flags.DEFINE_enum("protocol", "short", list(PROTOCOLS),
+                  "short: 3 epochs per run (~2.5 min); long: 20 epochs (~15 min).")
+flags.DEFINE_string("workdir", None, "Where the runs and the table go "
+                    "(default workdirs/study, or workdirs/study_long for --protocol=long).")
 flags.DEFINE_string("manual_dir", os.path.join(ROOT, "..", "shared", "data", "ptb_char"),
                     "Directory with ptb.char.test.txt and ptb.char.valid.txt.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
@@ -76,12 +83,16 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
   if not os.path.exists(results):
     argv = [sys.executable, "-m", "experiments.charlm", "--flagfile=study.flags",
             f"--manual_dir={FLAGS.manual_dir}", f"--workdir={workdir}", f"--seed={seed}",
-            *extra, *(QUICK if FLAGS.quick else ())]
+            *PROTOCOLS[FLAGS.protocol], *extra, *(QUICK if FLAGS.quick else ())]
     if FLAGS.data_dir:
       argv.append(f"--data_dir={FLAGS.data_dir}")
     os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
-    with open(workdir + ".log", "w") as log:
-      status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    start = time.time()
+    try:
+      with open(workdir + ".log", "a") as log:
+        status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    finally:  # the run's wall time on this machine, over every session that resumed it
+      _add_seconds(workdir, time.time() - start)
     with open(workdir + ".log") as log:
       last = (log.read().strip().splitlines() or [""])[-1]
     if status != 0 and "non-finite" in last:
@@ -93,6 +104,21 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
                "then run the study again to resume")
   with open(results) as f:
     return json.load(f)
+
+
+def _add_seconds(workdir: str, seconds: float) -> None:
+  path = workdir + ".seconds"
+  with open(path, "a") as f:
+    f.write(f"{seconds:.1f}\n")
+
+
+def wall_seconds(workdir: str) -> float:
+  """The seconds the study has spent in the run of ``workdir`` (0 when none recorded)."""
+  try:
+    with open(workdir + ".seconds") as f:
+      return sum(float(x) for x in f.read().split())
+  except FileNotFoundError:
+    return 0.0
 
 
 def summary(runs: list[dict]) -> dict:
@@ -153,6 +179,8 @@ def main(argv):
              if not os.path.isfile(os.path.join(FLAGS.manual_dir, f))]
   if missing:
     raise app.UsageError(f"{', '.join(missing)} not in --manual_dir={FLAGS.manual_dir}")
+  workdir = FLAGS.workdir or ("workdirs/study" if FLAGS.protocol == "short" else
+                               f"workdirs/study_{FLAGS.protocol}")
   rows, every_run = [], {}
   chosen = [row for row in ROWS if row[0] in FLAGS.rows]
   total, done, start = len(chosen) * len(seeds), 0, time.time()
@@ -160,7 +188,7 @@ def main(argv):
     runs = []
     for seed in seeds:
       run_start = time.time()
-      runs.append(run_one(name, extra, seed, os.path.join(FLAGS.workdir, f"{name}_seed{seed}")))
+      runs.append(run_one(name, extra, seed, os.path.join(workdir, f"{name}_seed{seed}")))
       done += 1
       outcome = (runs[-1]["diverged"] if "diverged" in runs[-1]
                  else f"test BPC {runs[-1]['test']['bpc']:.4f}")
@@ -170,10 +198,10 @@ def main(argv):
     rows.append((name, what, summary(runs)))
   text = table(rows)
   print(text)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  with open(os.path.join(FLAGS.workdir, "study.md"), "w") as f:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "study.md"), "w") as f:
     f.write(text + "\n")
-  with open(os.path.join(FLAGS.workdir, "study.json"), "w") as f:
+  with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump({"rows": {n: s for n, _, s in rows}, "runs": every_run}, f, indent=1)
 
 

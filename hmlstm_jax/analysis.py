@@ -66,6 +66,32 @@ def boundary_results(sums: dict, label_names) -> dict:
                          for name in label_names}}
 
 
+def boundary_rates(rnn: hmlstm.UnrollOutputs, mask: jax.Array | None = None) -> dict:
+  """``{'z<ℓ>_rate': the share of (masked) steps on which z^ℓ = 1}`` for each layer with a
+  boundary detector (every layer but the last); empty for the LSTM. Logged during training,
+  so that the curves show when boundaries form or die."""
+  out = {}
+  for layer, z in enumerate(rnn.z[:-1]):
+    fired = (z[..., 0] > 0.5).astype(jnp.float32)  # (T, rows)
+    if mask is None:
+      out[f"z{layer + 1}_rate"] = jnp.mean(fired)
+    else:
+      real = (jnp.asarray(mask).T > 0).astype(jnp.float32)
+      out[f"z{layer + 1}_rate"] = jnp.sum(fired * real) / jnp.maximum(jnp.sum(real), 1.0)
+  return out
+
+
+def boundary_scalars(result: dict) -> dict:
+  """Flat scalars of :func:`boundary_results` for curves: ``compute<ℓ>`` (the share of steps
+  on which layer ℓ UPDATEs or FLUSHes) per layer, ``f1_z<ℓ>_<label>`` per detector and label."""
+  counts = np.asarray(result["op_counts"], np.float64)  # (L, 3) COPY, UPDATE, FLUSH
+  out = {f"compute{l + 1}": float(counts[l, 1:].sum() / max(counts[l].sum(), 1.0))
+         for l in range(len(counts))}
+  for name, prf in result["boundaries"].items():
+    out.update({f"f1_z{l + 1}_{name}": float(prf[l][2]) for l in range(len(prf) - 1)})
+  return out
+
+
 def with_next_step(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Adds ``'<name>+1'``: each label moved one step later (the step just after a word end).
 

@@ -162,13 +162,20 @@ def _values(config: Any) -> dict[str, Any]:
 
 
 def differences(cls: type, saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-  """The settings (not ``changeable``) whose values differ, as 'name: saved → requested'."""
+  """The settings (not ``changeable``) whose values differ, as 'name: saved → requested'.
+
+  A setting missing from ``saved`` (added to the code after the run started) differs only
+  when it is requested with another value than its default: at its default it is the
+  behaviour the run had, so the run may resume.
+  """
   out = []
   for field, _ in leaves(cls):
     if field.metadata.get("changeable") or field.name not in requested:
       continue
     if field.name not in saved:
-      out.append(f"{field.name}: (not set) → {requested[field.name]!r}")
+      default = list(field.default) if isinstance(field.default, tuple) else field.default
+      if requested[field.name] != default:
+        out.append(f"{field.name}: (not set) → {requested[field.name]!r}")
     elif saved[field.name] != requested[field.name]:
       out.append(f"{field.name}: {saved[field.name]!r} → {requested[field.name]!r}")
   return out

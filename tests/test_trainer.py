@@ -144,6 +144,16 @@ def test_differences_ignore_changeable_settings():
   assert settings.differences(RegressionConfig, saved, wanted) == ["noise: 0.05 → 0.5"]
 
 
+def test_differences_accept_a_setting_added_later_at_its_default():
+  """A workdir saved before a setting existed resumes when that setting is at its default
+  (the run's behaviour), and not when it is asked with another value."""
+  saved = settings.flat(RegressionConfig())
+  del saved["noise"]
+  assert settings.differences(RegressionConfig, saved, settings.flat(RegressionConfig())) == []
+  wanted = settings.flat(settings.replace(RegressionConfig(), noise=0.5))
+  assert settings.differences(RegressionConfig, saved, wanted) == ["noise: (not set) → 0.5"]
+
+
 def test_slope_is_computed_on_the_host_with_the_devices_arithmetic():
   from hmlstm_jax import boundary
   config = training.TrainConfig(max_slope=5.0, slope_rate=0.04)

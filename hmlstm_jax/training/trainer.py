@@ -301,6 +301,7 @@ class Run:
       lines += self.experiment.summary_lines(split, results[split])
     out = {"valid": results["validation"], "test": results["test"], "best_step": best,
            "steps": self.step, "data": dict(self.data.metadata),
+           "history": list(self.meta["history"]),
            "parameters": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))}
     if distributed.is_primary():  # figures and samples: one process's work and files
       extra, extra_lines = self.experiment.report(self.mapped.local_copy(params), slope,
