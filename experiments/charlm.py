@@ -107,7 +107,9 @@ class CharLM(Experiment):
   def loss(self, params, carry, batch, slope, key):
     nll, outs = models.charlm_loss(params, carry, batch.inputs, batch.targets, slope, key,
                                    config=self.model)
-    return nll, (outs.final_state, analysis.boundary_rates(outs.rnn))
+    penalty = models.boundary_penalty(outs.rnn, self.model)
+    return nll + penalty, (outs.final_state, {"nll": nll, "rate_penalty": penalty,
+                                              **analysis.boundary_rates(outs.rnn)})
 
   def eval_sums(self, params, carry, batch, slope):
     """NLL sum and count; for the HM-LSTM the (COPY, UPDATE, FLUSH) counts per layer and each
@@ -135,8 +137,8 @@ class CharLM(Experiment):
       lines += analysis.boundary_lines(result["boundaries"])
     return lines
 
-  def train_scalars(self, loss):
-    return {"BPC": loss / math.log(2)}
+  def train_scalars(self, metrics):
+    return {"BPC": metrics["nll"] / math.log(2)}
 
   def report(self, params, slope, workdir):
     """The boundary figure (HM-LSTM) and sampled continuations of a validation prompt."""

@@ -23,6 +23,7 @@ from hmlstm_jax import analysis
 from hmlstm_jax import handwriting as hw
 from hmlstm_jax import handwriting_report as report
 from hmlstm_jax import hmlstm
+from hmlstm_jax import models
 from hmlstm_jax.data import strokes
 from hmlstm_jax.settings import nested
 from hmlstm_jax.settings import setting
@@ -137,7 +138,9 @@ class Handwriting(Experiment):
   def loss(self, params, carry, batch, slope, key):
     nll, outs = hw.handwriting_loss(params, batch.inputs, batch.targets, batch.mask, slope, key,
                                     config=self.model)
-    return nll, (carry, analysis.boundary_rates(outs.rnn, batch.mask))
+    penalty = models.boundary_penalty(outs.rnn, self.model, batch.mask)
+    return nll + penalty, (carry, {"nll": nll, "rate_penalty": penalty,
+                                   **analysis.boundary_rates(outs.rnn, batch.mask)})
 
   def eval_sums(self, params, carry, batch, slope):
     """Log-likelihood sum over sequences, sequence and point counts; for the HM-LSTM the
@@ -169,8 +172,8 @@ class Handwriting(Experiment):
       lines += analysis.boundary_lines(result["boundaries"])
     return lines
 
-  def train_scalars(self, loss):
-    return {"loglik_per_point": -loss}
+  def train_scalars(self, metrics):
+    return {"loglik_per_point": -metrics["nll"]}
 
   def report(self, params, slope, workdir):
     """Fig. 5 on the first validation sequence and generated handwriting (PNGs)."""

@@ -29,6 +29,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: The boundary-rate penalty of the study's rows (not the paper's): weight 10, z¹'s rate kept
+#: in [0.1, 0.25] (word ends are 18% of the characters), z²'s in [0.02, 0.1].
+RATE_BAND = ("--rate_weight=10", "--rate_min=0.1,0.02", "--rate_max=0.25,0.1")
+
 #: (name, what changes, flags on top of study.flags). The first row is the baseline.
 ROWS = (
     ("lnlstm", "LayerNorm LSTM baseline, 3 × 150 (about the parameters of the HM-LSTM)",
@@ -49,6 +53,19 @@ ROWS = (
      ("--output_head=top",)),
     ("lnlstm_top_head", "LayerNorm LSTM baseline, softmax on the top layer alone",
      ("--model=lstm", "--layer_sizes=150,150,150", "--output_head=top")),
+    ("ln_sum", "layer norm of the gated sum of the three terms, once (not per term)",
+     ("--ln_placement=sum",)),
+    ("ln_sum_no_cell", "layer norm of the sum, c not normalised", ("--ln_placement=sum",
+                                                                   "--ln_cell=false")),
+    ("st_linear", "straight-through derivative a/2 everywhere (no cut-off)",
+     ("--st_gradient=linear",)),
+    ("st_sigmoid", "straight-through derivative of sigmoid(2a x)", ("--st_gradient=sigmoid",)),
+    ("rate_band", "boundary-rate penalty (ours): z¹ in [0.1, 0.25], z² in [0.02, 0.1]",
+     RATE_BAND),
+    ("ln_sum_rate_band", "layer norm of the sum and the boundary-rate penalty",
+     ("--ln_placement=sum",) + RATE_BAND),
+    ("no_ln_st_linear", "without layer norm, straight-through derivative a/2 everywhere",
+     ("--layer_norm=false", "--st_gradient=linear")),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 #: The protocols: flags on top of each row's. ``short`` is study.flags as written (3 epochs,

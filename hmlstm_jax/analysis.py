@@ -68,17 +68,12 @@ def boundary_results(sums: dict, label_names) -> dict:
 
 def boundary_rates(rnn: hmlstm.UnrollOutputs, mask: jax.Array | None = None) -> dict:
   """``{'z<ℓ>_rate': the share of (masked) steps on which z^ℓ = 1}`` for each layer with a
-  boundary detector (every layer but the last); empty for the LSTM. Logged during training,
-  so that the curves show when boundaries form or die."""
-  out = {}
-  for layer, z in enumerate(rnn.z[:-1]):
-    fired = (z[..., 0] > 0.5).astype(jnp.float32)  # (T, rows)
-    if mask is None:
-      out[f"z{layer + 1}_rate"] = jnp.mean(fired)
-    else:
-      real = (jnp.asarray(mask).T > 0).astype(jnp.float32)
-      out[f"z{layer + 1}_rate"] = jnp.sum(fired * real) / jnp.maximum(jnp.sum(real), 1.0)
-  return out
+  boundary detector (every layer but the last); empty for the LSTM. ``mask``: (rows, T).
+  Logged during training, so that the curves show when boundaries form or die."""
+  if not rnn.z:
+    return {}
+  rates = hmlstm.boundary_rates(rnn.z, None if mask is None else jnp.asarray(mask).T)
+  return {f"z{layer + 1}_rate": rates[layer] for layer in range(len(rnn.z) - 1)}
 
 
 def boundary_scalars(result: dict) -> dict:

@@ -11,14 +11,23 @@ Straight-through estimator: the forward pass uses the discrete z, the backward p
 treats z as if it were ž (dz/dž = 1), so the gradient reaching x is a/2 inside the linear
 region |a·x| < 1 and 0 outside. ``slope`` is an ordinary traced argument everywhere, so
 annealing it never recompiles.
+
+The derivative the backward pass uses is a setting (``ST_GRADIENTS``; decisions.md §2):
+``'hard_sigmoid'`` (the paper's, above: a detector whose pre-activation stays below −1/a gets
+no gradient and cannot come back), ``'linear'`` (a/2 everywhere: the hard sigmoid's slope
+without its cut-off) or ``'sigmoid'`` (the derivative of sigmoid(2a·x), the smooth curve with
+the hard sigmoid's value and slope at 0: 2a·σ(2ax)(1 − σ(2ax)), a/2 at x = 0, never 0).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 BOUNDARY_VARIANTS = ("step", "sample", "soft")
+ST_GRADIENTS = ("hard_sigmoid", "linear", "sigmoid")
 
 
 def hard_sigmoid(x: jax.Array, slope: jax.Array | float) -> jax.Array:
@@ -34,9 +43,27 @@ def hard_sigmoid(x: jax.Array, slope: jax.Array | float) -> jax.Array:
   return jnp.clip((slope * x + 1.0) / 2.0, 0.0, 1.0)
 
 
-@jax.custom_vjp
+def straight_through_derivative(x: jax.Array, slope: jax.Array | float,
+                                gradient: str = "hard_sigmoid") -> jax.Array:
+  """dz/dx as the backward pass of :func:`straight_through_boundary` takes it (§3.3).
+
+  ``'hard_sigmoid'``: dž/dx = a/2 · 1[|a·x| < 1] (the paper); ``'linear'``: a/2 everywhere;
+  ``'sigmoid'``: d/dx sigmoid(2a·x) = 2a·σ(2ax)(1 − σ(2ax)). All three equal a/2 at x = 0.
+  """
+  slope = jnp.asarray(slope, x.dtype)
+  if gradient == "hard_sigmoid":
+    return jnp.where(jnp.abs(slope * x) < 1.0, slope / 2.0, 0.0).astype(x.dtype)
+  if gradient == "linear":
+    return jnp.broadcast_to(slope / 2.0, x.shape).astype(x.dtype)
+  if gradient == "sigmoid":
+    sig = jax.nn.sigmoid(2.0 * slope * x)
+    return 2.0 * slope * sig * (1.0 - sig)
+  raise ValueError(f"unknown straight-through gradient {gradient!r}; expected one of {ST_GRADIENTS}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def straight_through_boundary(x: jax.Array, slope: jax.Array | float,
-                              u: jax.Array | float) -> jax.Array:
+                              u: jax.Array | float, gradient: str = "hard_sigmoid") -> jax.Array:
   """Binary z = 1[hard_sigm_a(x) > u] with the straight-through gradient of §3.3.
 
   ``u = 0.5`` gives the step function of Eq. 8 (z = 1 exactly when x > 0, whatever the
@@ -44,13 +71,14 @@ def straight_through_boundary(x: jax.Array, slope: jax.Array | float,
   directly, x > (2u − 1)/a, which is the same event without the rounding of (a·x + 1)/2
   near 0.5, so for u = 0.5 it is exactly x > 0.
 
-  Backward: dz/dx = dž/dx = a/2 · 1[|a·x| < 1] (dz/dž = 1); ``slope`` and ``u`` receive no
-  gradient.
+  Backward: dz/dx = dž/dx = a/2 · 1[|a·x| < 1] (dz/dž = 1), or the ``gradient`` chosen
+  (:func:`straight_through_derivative`); ``slope`` and ``u`` receive no gradient.
 
   Args:
     x: boundary pre-activation, any shape.
     slope: the hard sigmoid's slope a > 0, a traced scalar.
     u: threshold(s) broadcastable against ``x``: 0.5, or uniform noise for sampling.
+    gradient: the backward's dz/dx, one of ``ST_GRADIENTS`` (static).
 
   Returns:
     z in {0, 1}, dtype of ``x``.
@@ -58,14 +86,13 @@ def straight_through_boundary(x: jax.Array, slope: jax.Array | float,
   return (x > (2.0 * u - 1.0) / slope).astype(x.dtype)
 
 
-def _straight_through_fwd(x, slope, u):
-  return straight_through_boundary(x, slope, u), (x, slope, u)
+def _straight_through_fwd(x, slope, u, gradient):
+  return straight_through_boundary(x, slope, u, gradient), (x, slope, u)
 
 
-def _straight_through_bwd(residuals, g):
+def _straight_through_bwd(gradient, residuals, g):
   x, slope, u = residuals
-  inside = jnp.abs(slope * x) < 1.0
-  grad_x = g * jnp.where(inside, slope / 2.0, 0.0).astype(g.dtype)
+  grad_x = g * straight_through_derivative(x, slope, gradient).astype(g.dtype)
   return grad_x, jnp.zeros_like(slope), jnp.zeros_like(u)
 
 
@@ -73,7 +100,7 @@ straight_through_boundary.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
 def f_bound(x: jax.Array, slope: jax.Array | float, variant: str,
-             noise: jax.Array | None = None) -> jax.Array:
+             noise: jax.Array | None = None, gradient: str = "hard_sigmoid") -> jax.Array:
   """z^ℓ_t = f_bound(hard_sigm_a(x)) of Eq. 8-9 for one boundary ``variant``.
 
   Args:
@@ -83,6 +110,8 @@ def f_bound(x: jax.Array, slope: jax.Array | float, variant: str,
       (z = ž, ordinary gradient).
     noise: for ``'sample'``, uniform [0, 1) noise broadcastable against ``x``; ``None``
       means evaluation, where ``'sample'`` uses the step function (decisions.md §1 decision).
+    gradient: the straight-through derivative of ``'step'`` and ``'sample'``
+      (:func:`straight_through_derivative`); ``'soft'`` has its own, exact gradient.
 
   Returns:
     z, same shape and dtype as ``x``.
@@ -90,9 +119,9 @@ def f_bound(x: jax.Array, slope: jax.Array | float, variant: str,
   if variant == "soft":
     return hard_sigmoid(x, slope)
   if variant == "step" or (variant == "sample" and noise is None):
-    return straight_through_boundary(x, slope, jnp.asarray(0.5, x.dtype))
+    return straight_through_boundary(x, slope, jnp.asarray(0.5, x.dtype), gradient)
   if variant == "sample":
-    return straight_through_boundary(x, slope, noise)
+    return straight_through_boundary(x, slope, noise, gradient)
   raise ValueError(f"unknown boundary variant {variant!r}; expected one of {BOUNDARY_VARIANTS}")
 
 

@@ -102,7 +102,8 @@ def layer_kernels(params: LayerParams, hoisted: bool) -> tuple[jax.Array, ...]:
 
   Without layer norm: one fused kernel [W ; U ; U_top] (W left out when the bottom-up term is
   ``hoisted``, i.e. computed outside the step; U_top absent on the last layer). With layer
-  norm the terms are normalised one by one, so the kernels stay apart: (U, U_top, W). Each
+  norm per term (``ln_U`` in ``params``) the terms are normalised one by one, so the kernels
+  stay apart: (U, U_top, W); layer norm of the sum (``ln_s``) fuses them as without. Each
   kernel's R columns are padded with zeros to a multiple of :data:`KERNEL_COLUMN_MULTIPLE`
   (:func:`combine_terms` drops the padding). Computing these once before a scan keeps the
   concatenation and the padding out of the loop.
@@ -118,18 +119,18 @@ def layer_kernels(params: LayerParams, hoisted: bool) -> tuple[jax.Array, ...]:
   return tuple(jnp.pad(k, ((0, 0), (0, pad))) if pad else k for k in kernels)
 
 
-def matmul_inputs(layer_norm: bool, h_prev: jax.Array, z_prev: jax.Array,
+def matmul_inputs(separate_terms: bool, h_prev: jax.Array, z_prev: jax.Array,
                   h_above: jax.Array | None, z_below: jax.Array,
                   h_below: jax.Array | None) -> tuple[jax.Array, ...]:
   """The left operands of :func:`layer_kernels`, in the same order.
 
-  Without layer norm the gates are applied to the inputs, [z_below·h_below ; h_prev ;
-  z_prev·h_above], so that one matmul gives the gated sum; with layer norm they are applied
-  after normalisation (:func:`combine_terms`) and the inputs are the plain h's. ``h_above`` is
-  ``None`` on the last layer, ``h_below`` when the bottom-up term is hoisted.
+  Without layer norm per term the gates are applied to the inputs, [z_below·h_below ; h_prev ;
+  z_prev·h_above], so that one matmul gives the gated sum; with it (``separate_terms``) they
+  are applied after normalisation (:func:`combine_terms`) and the inputs are the plain h's.
+  ``h_above`` is ``None`` on the last layer, ``h_below`` when the bottom-up term is hoisted.
   """
   has_top = h_above is not None
-  if layer_norm:
+  if separate_terms:
     return tuple([h_prev] + ([h_above] if has_top else []) + ([] if h_below is None else [h_below]))
   parts = ([] if h_below is None else [z_below * h_below]) + [h_prev] + ([z_prev * h_above] if has_top else [])
   return (jnp.concatenate(parts, axis=-1),)
@@ -143,19 +144,25 @@ def combine_terms(params: LayerParams, projections: tuple[jax.Array, ...], z_pre
   by z_below; without it the bottom-up term is among ``projections``. Only ``b`` and the
   layer-norm parameters of ``params`` are read (the matrices may be absent). Projections
   wider than the layer's R rows (the kernels' zero padding) are cut to R.
+
+  Layer norm, where ``params`` has it (decisions.md §3): per term (``ln_U``, ``ln_U_top``,
+  ``ln_W``: each term normalised, then gated), or of the sum (``ln_s``: the gated sum of the
+  three terms normalised once, LN(U h + z_prev·U_top h_above + z_below·W h_below) + b).
   """
   rows = params["b"].shape[-1]
+  hidden_size = rows // 4  # R = 4·d + 1, or 4·d on the last layer
   projections = tuple(p[..., :rows] for p in projections)
   if "ln_U" in params:
-    hidden_size = params["ln_c"]["scale"].shape[0]
     s = normalized_term(projections[0], params["ln_U"], hidden_size)
     if "ln_U_top" in params:
       s = s + z_prev * normalized_term(projections[1], params["ln_U_top"], hidden_size)
     if bottom_up is None:
       bottom_up = normalized_term(projections[-1], params["ln_W"], hidden_size)
     return s + z_below * bottom_up + params["b"]
-  s = projections[0] + params["b"]
-  return s if bottom_up is None else s + z_below * bottom_up
+  s = projections[0] if bottom_up is None else projections[0] + z_below * bottom_up
+  if "ln_s" in params:
+    s = normalized_term(s, params["ln_s"], hidden_size)
+  return s + params["b"]
 
 
 def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
@@ -169,7 +176,8 @@ def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
   bottom-up term by the **current** boundary of the layer below ``z_below``; the recurrent
   term is never gated. Without layer norm the three terms are one matmul of
   [z_below·h_below ; h_prev ; z_prev·h_above] against [W ; U ; U_top]. With layer norm each
-  term is normalised on its own and gated after normalisation: z·LN(W h), never LN(z·W h).
+  term is normalised on its own and gated after normalisation: z·LN(W h), never LN(z·W h);
+  with layer norm of the sum, the gated sum of the three is normalised once.
 
   Args:
     params: the layer's parameters (``W``, ``U``, ``U_top`` unless last, ``b``, layer-norm
@@ -200,7 +208,8 @@ def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
 def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax.Array,
                  z_below: jax.Array, slope: jax.Array | float, *, variant: str,
                  ln_c: Mapping[str, jax.Array] | None = None,
-                 noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 noise: jax.Array | None = None,
+                 st_gradient: str = "hard_sigmoid") -> tuple[jax.Array, jax.Array, jax.Array]:
   """The UPDATE / COPY / FLUSH operation and the boundary, Eq. 2-4 and 8-9.
 
   f, i, o = sigmoid(s), g = tanh(s), ž = hard_sigm_a(s_ž) and, with masks
@@ -222,6 +231,7 @@ def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax
     variant: ``'step'``, ``'sample'`` or ``'soft'``.
     ln_c: layer-norm parameters applied to c inside the tanh only (stored c is unnormalised).
     noise: uniform noise (B, 1) for the ``'sample'`` variant in training, else ``None``.
+    st_gradient: the straight-through derivative (:data:`boundary.ST_GRADIENTS`).
 
   Returns:
     (c^ℓ_t, h^ℓ_t, z^ℓ_t).
@@ -241,6 +251,6 @@ def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax
   if s.shape[-1] == 4 * d:
     z = jnp.zeros_like(z_prev)
   else:
-    z_new = boundary_lib.f_bound(s[:, 4 * d:], slope, variant, noise)
+    z_new = boundary_lib.f_bound(s[:, 4 * d:], slope, variant, noise, st_gradient)
     z = (1.0 - copy) * z_new + copy * z_prev
   return c, h, z

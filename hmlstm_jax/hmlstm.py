@@ -28,6 +28,7 @@ from hmlstm_jax import schedule as schedule_lib
 COPY, UPDATE, FLUSH = 0, 1, 2
 OPERATION_NAMES = ("COPY", "UPDATE", "FLUSH")
 MATMUL_DTYPES = (None, "float32", "bfloat16")
+LN_PLACEMENTS = ("terms", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,16 @@ class HMLSTMConfig:
     layer_sizes: d_1, ..., d_L.
     boundary: f_bound of Eq. 8: ``'step'`` (default, the paper's best), ``'sample'`` or
       ``'soft'``.
-    layer_norm: layer normalisation of each pre-activation term and of c inside the tanh.
+    layer_norm: layer normalisation of the pre-activation (where: ``ln_placement``) and, with
+      ``ln_cell``, of c inside the tanh.
+    ln_placement: where layer norm applies to the pre-activation (decisions.md §3):
+      ``'terms'`` (each of Eq. 5-7's three terms normalised on its own, then gated) or
+      ``'sum'`` (their gated sum normalised once, before the bias; one fused matmul).
+    ln_cell: with layer norm, normalise c inside the tanh of Eq. 3 (Ba et al.'s LN-LSTM; the
+      stored c is not normalised).
+    st_gradient: the straight-through derivative of the boundary (decisions.md §2):
+      ``'hard_sigmoid'`` (the paper's: a/2 inside |a·x| < 1, 0 outside), ``'linear'`` (a/2
+      everywhere) or ``'sigmoid'`` (the derivative of sigmoid(2a·x)).
     ln_gain: the layer-norm gains γ at initialisation. [decision] 1, as Ba et al.; 0.5 tames
       the growth of the layer-normalised HM-LSTM's gradient back in time and scores 0.14
       BPC better in the small-scale study, but its upper layers then compute on nearly every
@@ -68,6 +78,9 @@ class HMLSTMConfig:
   boundary_bias: float = 0.0
   ln_boundary: bool = False
   schedule: str = "layers"
+  ln_placement: str = "terms"
+  ln_cell: bool = True
+  st_gradient: str = "hard_sigmoid"
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
@@ -82,6 +95,11 @@ class HMLSTMConfig:
       raise ValueError(f"layer_sizes must be a non-empty sequence of positive ints, got {self.layer_sizes!r}")
     if self.boundary not in boundary_lib.BOUNDARY_VARIANTS:
       raise ValueError(f"boundary must be one of {boundary_lib.BOUNDARY_VARIANTS}, got {self.boundary!r}")
+    if self.ln_placement not in LN_PLACEMENTS:
+      raise ValueError(f"ln_placement must be one of {LN_PLACEMENTS}, got {self.ln_placement!r}")
+    if self.st_gradient not in boundary_lib.ST_GRADIENTS:
+      raise ValueError(f"st_gradient must be one of {boundary_lib.ST_GRADIENTS}, "
+                       f"got {self.st_gradient!r}")
     if self.schedule not in schedule_lib.SCHEDULES:
       raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {self.schedule!r}")
     if self.matmul_dtype not in MATMUL_DTYPES:
@@ -90,6 +108,11 @@ class HMLSTMConfig:
   @property
   def num_layers(self) -> int:
     return len(self.layer_sizes)
+
+  @property
+  def separate_terms(self) -> bool:
+    """Whether Eq. 5-7's terms are normalised one by one (so their matmuls stay apart)."""
+    return self.layer_norm and self.ln_placement == "terms"
 
 
 class LayerState(NamedTuple):
@@ -129,7 +152,8 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
   * ``U_top`` (d_(ℓ+1), R_ℓ)  top-down U_(ℓ+1)ℓ, absent on the last layer;
   * ``b``     (R_ℓ,)          bias;
   * with layer norm, ``ln_W``, ``ln_U``, ``ln_U_top`` (each ``{'scale', 'bias'}`` of 4·d_ℓ,
-    or R_ℓ with ``config.ln_boundary``) and ``ln_c`` (d_ℓ): gains ``config.ln_gain``, biases 0.
+    or R_ℓ with ``config.ln_boundary``), or with ``ln_placement='sum'`` one ``ln_s`` of that
+    size, and ``ln_c`` (d_ℓ, with ``config.ln_cell``): gains ``config.ln_gain``, biases 0.
 
   [decision] Matrices are N(0, 1/fan_in); the bias is 0 except the forget gate's, 1, and the
   boundary row's, ``config.boundary_bias`` (0 by default).
@@ -147,10 +171,14 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
     if config.layer_norm:
       gate_ln = lambda n: cell.layer_norm_params(n, config.ln_gain)
       normalised = rows if config.ln_boundary else 4 * d
-      p["ln_W"], p["ln_U"] = gate_ln(normalised), gate_ln(normalised)
-      if layer < L - 1:
-        p["ln_U_top"] = gate_ln(normalised)
-      p["ln_c"] = gate_ln(d)
+      if config.ln_placement == "sum":
+        p["ln_s"] = gate_ln(normalised)
+      else:
+        p["ln_W"], p["ln_U"] = gate_ln(normalised), gate_ln(normalised)
+        if layer < L - 1:
+          p["ln_U_top"] = gate_ln(normalised)
+      if config.ln_cell:
+        p["ln_c"] = gate_ln(d)
     params.append(p)
   return tuple(params)
 
@@ -194,11 +222,11 @@ def _kernels(params) -> tuple[tuple[jax.Array, ...], ...]:
 
 
 def _layer_core(small, projections, bottom_up, c_prev, h_prev, z_prev, z_below, slope, noise,
-                variant):
+                config: HMLSTMConfig):
   """Eq. 2-9 of one layer from its matmul outputs: the element-wise part of the step."""
   s = cell.combine_terms(small, projections, z_prev, z_below, bottom_up)
-  return cell.layer_update(s, c_prev, h_prev, z_prev, z_below, slope, variant=variant,
-                           ln_c=small.get("ln_c"), noise=noise)
+  return cell.layer_update(s, c_prev, h_prev, z_prev, z_below, slope, variant=config.boundary,
+                           ln_c=small.get("ln_c"), noise=noise, st_gradient=config.st_gradient)
 
 
 def _layer_context(above: State, below: State, layer: int):
@@ -226,10 +254,10 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
       bottom_up, noise = xs_t[layer]
       own = state[layer]
       h_above, h_below, z_below = _layer_context(state, state, layer)
-      ins = cell.matmul_inputs(config.layer_norm, own.h, own.z, h_above, z_below, h_below)
+      ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
       projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
       c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
-                            noise, config.boundary)
+                            noise, config)
       state[layer] = schedule_lib.keep(active[layer], LayerState(h=h, c=c, z=z), own)
       ys[layer] = (h, z) + ((c, projs) if keep_residuals else ())
     return tuple(state), tuple(ys)
@@ -311,12 +339,12 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
       if layer < L - 1:
         d_h, d_z = d_h + below[layer][0], d_z + below[layer][1] + below[layer][2]
       core = lambda sm, pr, b, c, h, z, zb: _layer_core(sm, pr, b, c, h, z, zb, slope, noise,
-                                                         config.boundary)
+                                                         config)
       _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
       d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
           (acc[layer].c, d_h, d_z))
       d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs, kernels_c[layer]))
-      _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.layer_norm),
+      _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.separate_terms),
                               own.h, own.z, h_above, z_below, h_below)
       dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
       keep = functools.partial(schedule_lib.keep, active[layer])
@@ -340,7 +368,7 @@ def _recurrence_bwd(config, residuals, cotangents):
   prev = _states_before(state, hs, zs, cs)
   outs = tuple(LayerState(h=h, c=c, z=z) for h, c, z in zip(hs, cs, zs))
   context = [_layer_context(prev, outs, l) for l in range(L)]  # (h_above, h_below, z_below)
-  ins = tuple(cell.matmul_inputs(config.layer_norm, prev[l].h, prev[l].z, h_above, z_below,
+  ins = tuple(cell.matmul_inputs(config.separate_terms, prev[l].h, prev[l].z, h_above, z_below,
                                  h_below)
               for l, (h_above, h_below, z_below) in enumerate(context))
   inputs = _per_layer_inputs(config, bottom_up_1, noise)
@@ -446,6 +474,35 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
     hs, zs = tuple(y[0] for y in ys), tuple(y[1] for y in ys)
   return final, UnrollOutputs(h=hs, z=zs)
+
+
+def boundary_rates(zs: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
+  """r^ℓ = the share of (real) steps on which z^ℓ = 1, per layer with a detector: (L-1,).
+
+  ``zs`` are :attr:`UnrollOutputs.z`, (T, B, 1) per layer; ``mask`` (T, B) leaves padding out.
+  Differentiable: with binary boundaries the gradient is the straight-through one (§3.3).
+  """
+  zs = jnp.stack([z[..., 0] for z in zs[:-1]])  # (L-1, T, B)
+  if mask is None:
+    return jnp.mean(zs, axis=(1, 2))
+  real = (jnp.asarray(mask) > 0).astype(zs.dtype)
+  return jnp.sum(zs * real, axis=(1, 2)) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def boundary_rate_penalty(zs: Sequence[jax.Array], rate_min: Sequence[float],
+                          rate_max: Sequence[float], mask: jax.Array | None = None) -> jax.Array:
+  """Σ_ℓ max(0, m_ℓ − r^ℓ)² + max(0, r^ℓ − M_ℓ)²: zero while each layer's boundary rate r^ℓ
+  (:func:`boundary_rates`) lies in [m_ℓ, M_ℓ], growing quadratically outside.
+
+  **Not the paper's** (decisions.md §6): an optional term of the training loss that keeps
+  each detector from firing on every step or on none. Where the boundaries fall inside that
+  budget is still learned; only their rate is bounded. ``rate_min`` and ``rate_max`` have
+  one entry per layer with a detector (L-1).
+  """
+  rates = boundary_rates(zs, mask)
+  low = jnp.maximum(jnp.asarray(rate_min, rates.dtype) - rates, 0.0)
+  high = jnp.maximum(rates - jnp.asarray(rate_max, rates.dtype), 0.0)
+  return jnp.sum(jnp.square(low) + jnp.square(high))
 
 
 def operations(initial: State, outputs: UnrollOutputs) -> tuple[jax.Array, ...]:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 from hmlstm_jax import lstm
@@ -40,6 +41,10 @@ class RecurrentConfig:
     ln_gain, boundary_bias: the layer-norm gains and the boundary rows' bias at
       initialisation (:class:`hmlstm.HMLSTMConfig`).
     ln_boundary: layer norm of the boundary rows too (:class:`hmlstm.HMLSTMConfig`).
+    ln_placement, ln_cell, st_gradient: where layer norm applies, whether it normalises c, and
+      the straight-through derivative (:class:`hmlstm.HMLSTMConfig`).
+    rate_weight, rate_min, rate_max: the optional boundary-rate penalty (not the paper's;
+      :func:`boundary_penalty`): its weight (0: off) and each detector's band.
     schedule, matmul_dtype: the HM-LSTM's order of layer-steps and matmul operand dtype
       (:class:`hmlstm.HMLSTMConfig`).
   """
@@ -58,6 +63,20 @@ class RecurrentConfig:
                                  "half the steps end a segment at first; negative: fewer).")
   ln_boundary: bool = setting(False, "With layer_norm, normalise the boundary rows too (their "
                               "own gain and bias; by default they are left raw).")
+  ln_placement: str = setting("terms", "With layer_norm, what is normalised: terms (each of "
+                              "Eq. 5-7's terms on its own, then gated) or sum (their gated sum, "
+                              "once).", choices=hmlstm.LN_PLACEMENTS)
+  ln_cell: bool = setting(True, "With layer_norm, normalise c inside the tanh of Eq. 3.")
+  st_gradient: str = setting("hard_sigmoid", "Straight-through derivative of the boundary: "
+                             "hard_sigmoid (the paper's: a/2 inside |a x| < 1, else 0), linear "
+                             "(a/2 everywhere) or sigmoid (of sigmoid(2 a x)).",
+                             choices=boundary_lib.ST_GRADIENTS)
+  rate_weight: float = setting(0.0, "Weight of the boundary-rate penalty (not the paper's; 0: "
+                               "off): each detector's rate kept in [rate_min, rate_max].")
+  rate_min: tuple[float, ...] = setting((), "Per detector (layers 1..L-1), the lowest boundary "
+                                        "rate the penalty allows, e.g. 0.1,0.02.")
+  rate_max: tuple[float, ...] = setting((), "Per detector (layers 1..L-1), the highest boundary "
+                                        "rate the penalty allows, e.g. 0.3,0.1.")
   schedule: str = setting("layers", "Order of the recurrence's layer-steps: layers (each step's "
                           "layers bottom to top) or two_phase (shorter dependent chain; same "
                           "numbers).", choices=schedule_lib.SCHEDULES)
@@ -73,6 +92,22 @@ class RecurrentConfig:
       raise ValueError(f"output_size must be a positive int, got {self.output_size!r}")
     if self.output_head not in OUTPUT_HEADS:
       raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {self.output_head!r}")
+    for name in ("rate_min", "rate_max"):
+      object.__setattr__(self, name, tuple(float(r) for r in getattr(self, name)))
+    if self.rate_weight < 0:
+      raise ValueError(f"rate_weight must not be negative, got {self.rate_weight!r}")
+    if self.rate_weight > 0:
+      detectors = len(self.layer_sizes) - 1
+      if self.model != "hmlstm" or detectors < 1:
+        raise ValueError("rate_weight penalises boundary rates: it needs model=hmlstm with "
+                         "at least 2 layers")
+      if len(self.rate_min) != detectors or len(self.rate_max) != detectors:
+        raise ValueError(f"rate_min and rate_max need one value per detector ({detectors}: "
+                         f"layers 1..{detectors}), got {list(self.rate_min)} and "
+                         f"{list(self.rate_max)}")
+      if not all(0 <= lo <= hi <= 1 for lo, hi in zip(self.rate_min, self.rate_max)):
+        raise ValueError(f"each band needs 0 <= rate_min <= rate_max <= 1, got "
+                         f"{list(self.rate_min)} and {list(self.rate_max)}")
 
   @property
   def head_size(self) -> int:
@@ -85,7 +120,8 @@ class RecurrentConfig:
                                boundary=self.boundary, layer_norm=self.layer_norm,
                                matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain,
                                boundary_bias=self.boundary_bias, ln_boundary=self.ln_boundary,
-                               schedule=self.schedule)
+                               schedule=self.schedule, ln_placement=self.ln_placement,
+                               ln_cell=self.ln_cell, st_gradient=self.st_gradient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +256,18 @@ def charlm_loss(params: dict, state: hmlstm.State, inputs: jax.Array, targets: j
   logits, outs = charlm_apply(params, state, inputs, slope, key, config=config,
                               deterministic=deterministic, fast_backward=fast_backward)
   return jnp.mean(token_nll(logits, targets)), outs
+
+
+def boundary_penalty(rnn: hmlstm.UnrollOutputs, config: RecurrentConfig,
+                     mask: jax.Array | None = None) -> jax.Array:
+  """``rate_weight`` × :func:`hmlstm.boundary_rate_penalty` of an unroll's boundaries (0 when
+  the weight is 0 or the model has no boundaries); ``mask`` (B, T), batch-major, as the
+  experiments' batches. Added to the training loss, never to the reported NLL."""
+  if config.rate_weight == 0 or not rnn.z:
+    return jnp.float32(0.0)
+  mask = None if mask is None else jnp.asarray(mask).T
+  return config.rate_weight * hmlstm.boundary_rate_penalty(rnn.z, config.rate_min,
+                                                           config.rate_max, mask)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

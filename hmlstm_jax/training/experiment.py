@@ -129,9 +129,10 @@ class Experiment:
     """Lines describing a split's result, e.g. ``['validation: loss 0.1234']``."""
     return [f"{name}: {self.objective} {result[self.objective]:.4f}"]
 
-  def train_scalars(self, loss: float) -> dict[str, float]:
-    """Extra figures derived from the training loss for progress lines (e.g. ``{'BPC': ...}``)."""
-    del loss
+  def train_scalars(self, metrics: dict[str, float]) -> dict[str, float]:
+    """Extra figures for progress lines (e.g. ``{'BPC': ...}``) from the last logged step's
+    metrics: ``'loss'`` and those :meth:`loss` returned."""
+    del metrics
     return {}
 
   def report(self, params, slope: float, workdir: str) -> tuple[dict, Sequence[str]]:

@@ -211,7 +211,7 @@ class Run:
     rate = (self.step - step_log) / max(now - t_log, 1e-9)
     items = rate * self.data.items_per_batch
     loss = float(values[-1]["loss"])
-    extra = self.experiment.train_scalars(loss)
+    extra = self.experiment.train_scalars({k: float(v) for k, v in values[-1].items()})
     lr = self.config.learning_rate * float(self.host_plateau.scale)
     shown = "".join(f"  {name} {value:.4f}" for name, value in extra.items())
     say(f"step {self.step}/{self.total_steps}  epoch {self.step / self.steps_per_epoch:.2f}  "
