@@ -1,5 +1,8 @@
 """An independent NumPy (float64) HM-LSTM, written from decisions.md §1-3, not from the JAX code.
 
+Layer norm follows the parameters: per term (``ln_U``, ``ln_U_top``, ``ln_W``) or of the
+gated sum (``ln_s``); c inside the tanh when ``ln_c`` is there.
+
 For binary boundaries it applies the operation table with explicit if/else per batch
 element; for the soft variant it uses the blend of decisions.md §2. Used only by the tests.
 """
@@ -23,10 +26,14 @@ def ln(x, p):
 
 
 def term(h, w, ln_params, d):
-  """One of W h, U h, U_top h; layer norm over the 4d gate rows. The ž row is left untouched,
-  or, when the layer-norm parameters have a ž entry too, standardised with the gate rows'
-  mean and deviation and scaled by its own gain and shifted by its own bias."""
-  out = h @ w
+  """One of W h, U h, U_top h, normalised by :func:`normalise` (per-term layer norm)."""
+  return normalise(h @ w, ln_params, d)
+
+
+def normalise(out, ln_params, d):
+  """Layer norm over the 4d gate rows. The ž row is left untouched, or, when the layer-norm
+  parameters have a ž entry too, standardised with the gate rows' mean and deviation and
+  scaled by its own gain and shifted by its own bias. ``None``: no layer norm."""
   if ln_params is None:
     return out
   gates = out[:4 * d]
@@ -86,6 +93,8 @@ def run(params, xs, slope, variant, uniforms=None, init=None):
         if not last:
           s = s + z_prev * term(h[l + 1][b], p["U_top"], p.get("ln_U_top"), d)  # Eq. 6
         s = s + z_below * term(h_below, p["W"], p.get("ln_W"), d)        # Eq. 7
+        if "ln_s" in p:  # layer norm of the gated sum of the three (ln_placement='sum')
+          s = normalise(s, p["ln_s"], d)
         s = s + p["b"]
         f, i, o = sigmoid(s[:d]), sigmoid(s[d:2 * d]), sigmoid(s[2 * d:3 * d])
         g = np.tanh(s[3 * d:4 * d])

@@ -83,3 +83,23 @@ def test_slope_schedule():
   np.testing.assert_allclose(H.slope_schedule(2.5, max_slope=3.0, rate=0.004), 1.01)
   assert float(H.slope_schedule(1000.0)) == 5.0
   assert float(H.slope_schedule(1e6, rate=0.0)) == 1.0
+
+
+@pytest.mark.parametrize("variant", ["step", "sample"])
+@pytest.mark.parametrize("slope", [1.0, 3.0])
+def test_other_straight_through_derivatives(variant, slope):
+  """'linear': a/2 everywhere; 'sigmoid': d/dx sigmoid(2a x), written here from its formula;
+  both equal the paper's a/2 at x = 0 and never vanish; the forward z is the same."""
+  x = jnp.array([-3.0, -0.6, -0.2, 0.0, 0.05, 0.2, 0.6, 3.0])
+  noise = jnp.full(x.shape, 0.3) if variant == "sample" else None
+  grad = lambda g: jax.grad(lambda x: jnp.sum(H.f_bound(x, slope, variant, noise, g)))(x)
+  np.testing.assert_allclose(grad("linear"), np.full(x.shape, slope / 2), atol=1e-7)
+  s = 1.0 / (1.0 + np.exp(-2.0 * slope * np.asarray(x, np.float64)))
+  np.testing.assert_allclose(grad("sigmoid"), 2.0 * slope * s * (1.0 - s), rtol=1e-5, atol=1e-6)
+  for g in ("linear", "sigmoid"):
+    assert float(grad(g)[3]) == pytest.approx(slope / 2)
+    assert np.all(np.asarray(grad(g))[1:-1] > 0)  # beyond the cut-off |a x| >= 1 too
+    np.testing.assert_array_equal(H.f_bound(x, slope, variant, noise, g),
+                                  H.f_bound(x, slope, variant, noise))
+  with pytest.raises(ValueError, match="straight-through gradient"):
+    grad("identity")

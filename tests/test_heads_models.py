@@ -126,3 +126,57 @@ def test_lstm_baseline_matches_flax_lstm_cell():
     hs.append(x)
   expected = H.output_module(params["output"], hs) @ params["softmax"]["W"] + params["softmax"]["b"]
   np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_boundary_rate_penalty_is_zero_in_the_band_and_quadratic_outside():
+  """Σ_ℓ max(0, m − r)² + max(0, r − M)², r the share of (real) steps with z = 1, by hand."""
+  from hmlstm_jax import hmlstm, models
+  z1 = np.zeros((4, 2, 1)); z1[:3, 0] = 1.0        # r¹ = 3/8
+  z2 = np.zeros((4, 2, 1)); z2[0, 1] = 1.0          # r² = 1/8
+  z3 = np.zeros((4, 2, 1))                           # the last layer has no detector
+  zs = tuple(jnp.asarray(z, jnp.float32) for z in (z1, z2, z3))
+  np.testing.assert_allclose(hmlstm.boundary_rates(zs), [3 / 8, 1 / 8])
+  assert float(hmlstm.boundary_rate_penalty(zs, (0.1, 0.1), (0.4, 0.2))) == 0.0
+  expected = (3 / 8 - 0.25) ** 2 + (0.2 - 1 / 8) ** 2
+  np.testing.assert_allclose(hmlstm.boundary_rate_penalty(zs, (0.0, 0.2), (0.25, 1.0)), expected,
+                             rtol=1e-6)
+  mask = np.ones((4, 2)); mask[2:, 0] = 0.0         # row 0 has 2 real steps: r¹ = (2 + 0)/6
+  np.testing.assert_allclose(hmlstm.boundary_rates(zs, jnp.asarray(mask)), [2 / 6, 1 / 6],
+                             rtol=1e-6)
+  config = H.CharLMConfig(vocab_size=5, layer_sizes=(6, 5, 4), rate_weight=3.0,
+                          rate_min=(0.0, 0.2), rate_max=(0.25, 1.0))
+  outs = hmlstm.UnrollOutputs(h=(), z=zs)
+  np.testing.assert_allclose(models.boundary_penalty(outs, config), 3.0 * expected, rtol=1e-6)
+  off = H.CharLMConfig(vocab_size=5, layer_sizes=(6, 5, 4))
+  assert float(models.boundary_penalty(outs, off)) == 0.0
+
+
+def test_boundary_rate_penalty_trains_the_detectors_toward_the_band():
+  """The penalty alone sends a gradient to every detector row (straight-through), of the sign
+  that moves each rate into its band: rates above the band push the ž bias down."""
+  from hmlstm_jax import hmlstm
+  config = hmlstm.HMLSTMConfig(input_size=3, layer_sizes=(6, 5, 4), boundary_bias=0.5)
+  params = hmlstm.init_params(jax.random.key(0), config)
+  xs = jax.random.normal(jax.random.key(1), (20, 4, 3))
+
+  def penalty(params):
+    _, out = hmlstm.unroll(params, hmlstm.initial_state(config, 4), xs, 1.0, config=config)
+    return hmlstm.boundary_rate_penalty(out.z, (0.0, 0.0), (0.05, 0.05))
+
+  assert float(penalty(params)) > 0
+  grad = jax.grad(penalty)(params)
+  assert float(grad[0]["b"][-1]) > 0 and float(grad[1]["b"][-1]) > 0  # descent lowers ž
+  assert float(jnp.abs(grad[0]["W"][:, -1]).sum()) > 0  # the detector's weights too
+
+
+def test_rate_penalty_settings_are_checked():
+  with pytest.raises(ValueError, match="one value per detector"):
+    H.CharLMConfig(layer_sizes=(6, 5, 4), rate_weight=1.0, rate_min=(0.1,), rate_max=(0.3,))
+  with pytest.raises(ValueError, match="0 <= rate_min <= rate_max <= 1"):
+    H.CharLMConfig(layer_sizes=(6, 5, 4), rate_weight=1.0, rate_min=(0.3, 0.1),
+                   rate_max=(0.2, 0.2))
+  with pytest.raises(ValueError, match="model=hmlstm"):
+    H.CharLMConfig(model="lstm", layer_sizes=(6, 5, 4), rate_weight=1.0, rate_min=(0.1, 0.1),
+                   rate_max=(0.2, 0.2))
+  with pytest.raises(ValueError, match="must not be negative"):
+    H.CharLMConfig(rate_weight=-1.0)

@@ -14,10 +14,18 @@ T, B, D = 12, 3, 5
 SIZES = (6, 5, 4)
 
 
-def _setup(boundary="step", layer_norm=False, seed=0, sizes=SIZES):
-  """``layer_norm``: False, True, or ``'boundary'`` (layer norm with ``ln_boundary``)."""
+#: Layer-norm variants of the tests: False, True (per term), 'boundary' (per term, ž row too),
+#: 'sum' (of the gated sum), 'sum_boundary', 'sum_no_cell' (c not normalised).
+LN_VARIANTS = {False: {}, True: {}, "boundary": {"ln_boundary": True},
+               "sum": {"ln_placement": "sum"},
+               "sum_boundary": {"ln_placement": "sum", "ln_boundary": True},
+               "sum_no_cell": {"ln_placement": "sum", "ln_cell": False}}
+
+
+def _setup(boundary="step", layer_norm=False, seed=0, sizes=SIZES, **extra):
+  """``layer_norm``: a key of :data:`LN_VARIANTS`; ``extra``: more HMLSTMConfig settings."""
   config = H.HMLSTMConfig(input_size=D, layer_sizes=sizes, boundary=boundary,
-                          layer_norm=bool(layer_norm), ln_boundary=layer_norm == "boundary")
+                          layer_norm=bool(layer_norm), **LN_VARIANTS[layer_norm], **extra)
   k_p, k_x, k_ln = jax.random.split(jax.random.key(seed), 3)
   params = H.init_params(k_p, config)
   if layer_norm:  # non-trivial gains and biases, so that a misplaced one shows
@@ -35,7 +43,9 @@ def _float64(tree):
 
 @pytest.mark.parametrize("boundary,layer_norm",
                          list(itertools.product(("step", "sample", "soft"), (False, True)))
-                         + [("step", "boundary"), ("soft", "boundary")])
+                         + [("step", "boundary"), ("soft", "boundary"), ("step", "sum"),
+                            ("sample", "sum"), ("soft", "sum"), ("step", "sum_boundary"),
+                            ("step", "sum_no_cell")])
 def test_matches_numpy_reference(boundary, layer_norm):
   """In float64 on both sides, so that any deviation from the equations shows above 1e-9."""
   config, params, xs = _setup(boundary, layer_norm)
@@ -229,16 +239,29 @@ def test_init_params_shapes_follow_the_paper():
   z_ln = H.init_params(jax.random.key(0), dataclasses.replace(config, ln_boundary=True))
   assert z_ln[0]["ln_U_top"]["scale"].shape == (17,) and z_ln[1]["ln_W"]["bias"].shape == (21,)
   assert z_ln[2]["ln_U"]["scale"].shape == (24,)  # the last layer has no ž row
+  summed = H.init_params(jax.random.key(0), dataclasses.replace(
+      config, layer_norm=True, ln_placement="sum", ln_cell=False))
+  assert [sorted(k for k in p if k.startswith("ln_")) for p in summed] == [["ln_s"]] * 3
+  assert [p["ln_s"]["scale"].shape for p in summed] == [(16,), (20,), (24,)]  # gate rows
+  for bad, match in (({"ln_placement": "gates"}, "ln_placement"),
+                     ({"st_gradient": "identity"}, "st_gradient")):
+    with pytest.raises(ValueError, match=match):
+      dataclasses.replace(config, **bad)
   with pytest.raises(ValueError, match="set layer_norm too"):
     H.HMLSTMConfig(input_size=3, layer_sizes=(4,), ln_boundary=True)
 
 
-@pytest.mark.parametrize("boundary,layer_norm",
-                         list(itertools.product(("step", "sample", "soft"), (False, True)))
-                         + [("soft", "boundary")])
-def test_fast_backward_equals_autodiff_of_the_plain_scan(boundary, layer_norm):
-  """The custom backward gives jax.grad of the plain lax.scan: params, initial state, inputs."""
-  config, params, xs = _setup(boundary, layer_norm, seed=11)
+@pytest.mark.parametrize("boundary,layer_norm,st_gradient",
+                         [(b, ln, "hard_sigmoid") for b, ln in
+                          itertools.product(("step", "sample", "soft"), (False, True))]
+                         + [("soft", "boundary", "hard_sigmoid"), ("step", "sum", "hard_sigmoid"),
+                            ("soft", "sum", "hard_sigmoid"), ("step", "sum_no_cell", "hard_sigmoid"),
+                            ("step", True, "linear"), ("sample", "sum", "linear"),
+                            ("step", "sum", "sigmoid"), ("sample", False, "sigmoid")])
+def test_fast_backward_equals_autodiff_of_the_plain_scan(boundary, layer_norm, st_gradient):
+  """The custom backward gives jax.grad of the plain lax.scan: params, initial state, inputs,
+  for every straight-through derivative."""
+  config, params, xs = _setup(boundary, layer_norm, seed=11, st_gradient=st_gradient)
   key = jax.random.key(5)
   with jax.enable_x64(True):
     params, xs = _float64(params), _float64(xs)
