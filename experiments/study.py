@@ -120,7 +120,7 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
       sys.exit(f"row {name}, seed {seed}: the run failed (exit {status}); see {workdir}.log, "
                "then run the study again to resume")
   with open(results) as f:
-    return json.load(f)
+    return dict(json.load(f), wall_s=wall_seconds(workdir))
 
 
 def _add_seconds(workdir: str, seconds: float) -> None:
@@ -150,34 +150,88 @@ def summary(runs: list[dict]) -> dict:
   if not runs:
     return {"seeds": len(diverged), "diverged": diverged}
   out = {"parameters": runs[0]["parameters"], "steps": runs[0]["steps"], "seeds": len(runs),
+         "wall_s": float(np.mean([r.get("wall_s", 0.0) for r in runs])),
          "diverged": diverged,
          "valid_bpc": stat([r["valid"]["bpc"] for r in runs]),
          "test_bpc": stat([r["test"]["bpc"] for r in runs])}
   if "op_counts" in runs[0]["test"]:
     counts = np.asarray([r["test"]["op_counts"] for r in runs], np.float64)  # seeds, layers, ops
     out["compute"] = (counts[..., 1:].sum(-1) / counts.sum(-1)).mean(0).tolist()  # UPDATE+FLUSH
-    f1 = np.asarray([[layer[2] for layer in r["test"]["boundaries"]["word+1"]] for r in runs])
-    out["f1_word"] = f1.mean(0)[:2].tolist()  # z1, z2
+    for label in ("word", "word+1"):  # at the separator, and one step later
+      f1 = np.asarray([[layer[2] for layer in r["test"]["boundaries"][label]] for r in runs])
+      out[f"f1_{label}"] = f1.mean(0)[:-1].tolist()  # z1, z2 (the last layer has no detector)
   return out
 
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
   """The study's table in Markdown."""
-  lines = ["| row | change | parameters | steps | valid BPC | test BPC | compute per layer | "
-           "F1 z¹, z² vs word ends |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| row | change | parameters | steps | wall per run | valid BPC | test BPC | "
+           "compute per layer | F1 z¹ vs word ends (at, +1) | F1 z² (at, +1) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for name, what, s in rows:
     stopped = (f"diverged at step {', '.join(map(str, s['diverged']))}"
                if s["diverged"] else "")
     if "test_bpc" not in s:
-      lines.append(f"| {name} | {what} | — | — | {stopped} | {stopped} | — | — |")
+      lines.append(f"| {name} | {what} | — | — | — | {stopped} | {stopped} | — | — | — |")
       continue
     note = f" ({len(s['diverged'])} more seed(s) {stopped})" if stopped else ""
     compute = " / ".join(f"{c:.0%}" for c in s["compute"]) if "compute" in s else "100% each"
-    f1 = " / ".join(f"{v:.2f}" for v in s["f1_word"]) if "f1_word" in s else "—"
+    f1 = [f"{s['f1_word'][l]:.2f}, {s['f1_word+1'][l]:.2f}" if "f1_word" in s else "—"
+          for l in range(2)]
     lines.append(f"| {name} | {what} | {s['parameters']:,} | {s['steps']} | "
+                 f"{s['wall_s'] / 60:.0f} min | "
                  f"{s['valid_bpc'][0]:.3f} ± {s['valid_bpc'][1]:.3f} | "
-                 f"{s['test_bpc'][0]:.3f} ± {s['test_bpc'][1]:.3f}{note} | {compute} | {f1} |")
+                 f"{s['test_bpc'][0]:.3f} ± {s['test_bpc'][1]:.3f}{note} | {compute} | "
+                 f"{f1[0]} | {f1[1]} |")
   return "\n".join(lines)
+
+
+def tradeoff_figure(path: str, rows: list[tuple[str, str, dict]]) -> None:
+  """Every row as a point: test BPC against z¹'s F1 versus word ends (the better of the two
+  alignments), coloured by layer 3's compute share; LSTM rows as horizontal lines."""
+  from hmlstm_jax import analysis
+  plt = analysis.pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  points = [(n, s) for n, _, s in rows if "test_bpc" in s and "f1_word" in s]
+  for name, s in ((n, s) for n, _, s in rows if "test_bpc" in s and "compute" not in s):
+    ax.axhline(s["test_bpc"][0], color="gray", linestyle="--", linewidth=1)
+    ax.annotate(name, (0.0, s["test_bpc"][0]), fontsize=7, color="gray", va="bottom")
+  if points:
+    f1 = [max(s["f1_word"][0], s["f1_word+1"][0]) for _, s in points]
+    bpc = [s["test_bpc"][0] for _, s in points]
+    dots = ax.scatter(f1, bpc, c=[s["compute"][-1] for _, s in points], cmap="viridis",
+                      vmin=0, vmax=1, s=40, zorder=3)
+    fig.colorbar(dots, ax=ax, label="layer 3 computes on this share of steps")
+    for (name, _), x, y in zip(points, f1, bpc):
+      ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  ax.set_xlabel("F1 of z¹ against word ends (at the separator or one step later, the better)")
+  ax.set_ylabel("test BPC (lower is better)")
+  ax.set_xlim(0, 1)
+  ax.set_title("The two halves of the claim: segmentation (right) and modelling (down)")
+  analysis.save_png(fig, path)
+
+
+def curves_figure(path: str, name: str, runs: list[dict]) -> None:
+  """A row's validation curves over training (every seed): BPC, and each layer's compute
+  share (when the hierarchy forms or collapses)."""
+  from hmlstm_jax import analysis
+  plt = analysis.pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+  for seed, run in enumerate(runs):
+    history = run.get("history", [])
+    steps = [h["step"] for h in history]
+    left.plot(steps, [h["bpc"] for h in history], label=f"seed {seed}")
+    for layer in range(1, 4):
+      key = f"compute{layer}"
+      if history and key in history[0]:
+        right.plot(steps, [h[key] for h in history], color=f"C{layer - 1}",
+                   linestyle="-" if seed == 0 else ":", label=f"layer {layer}" if seed == 0 else None)
+  left.set(xlabel="step", ylabel="validation BPC", title=name)
+  right.set(xlabel="step", ylabel="share of steps computed", ylim=(0, 1.05))
+  left.legend(fontsize=7)
+  if right.lines:
+    right.legend(fontsize=7)
+  analysis.save_png(fig, path)
 
 
 def main(argv):
@@ -220,6 +274,13 @@ def main(argv):
     f.write(text + "\n")
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump({"rows": {n: s for n, _, s in rows}, "runs": every_run}, f, indent=1)
+  tradeoff_figure(os.path.join(workdir, "tradeoff.png"), rows)
+  os.makedirs(os.path.join(workdir, "curves"), exist_ok=True)
+  for name, runs in every_run.items():
+    finished = [r for r in runs if "diverged" not in r]
+    if finished:
+      curves_figure(os.path.join(workdir, "curves", f"{name}.png"), name, finished)
+  print(f"figures: {workdir}/tradeoff.png, {workdir}/curves/<row>.png")
 
 
 if __name__ == "__main__":

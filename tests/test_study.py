@@ -18,17 +18,24 @@ def _study(*args, timeout=600):
 
 def test_quick_study_runs_the_binary_per_row_and_prints_one_table(tmp_path):
   work = str(tmp_path / "study")
-  args = ("--quick", "--rows=lnlstm,paper", "--seeds=0", f"--workdir={work}",
+  args = ("--quick", "--rows=lnlstm,paper,rate_band", "--seeds=0", f"--workdir={work}",
           f"--manual_dir={os.path.join(SHARED_DATA, 'ptb_char')}", f"--data_dir={tmp_path / 'tfds'}")
   result = _study(*args)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [l for l in result.stdout.splitlines() if l.startswith("| lnlstm") or l.startswith("| paper")]
-  assert len(rows) == 2
+  rows = [l for l in result.stdout.splitlines() if l.startswith("| ")][1:]
+  assert [r.split(" | ")[0] for r in rows] == ["| lnlstm", "| paper", "| rate_band"]
   saved = json.load(open(os.path.join(work, "study.json")))
   for name in ("lnlstm", "paper"):
     run = saved["runs"][name][0]
     assert saved["rows"][name]["test_bpc"][0] == run["test"]["bpc"]  # one seed: its own number
     assert run["parameters"] > 0 and run["steps"] > 0
+    assert run["wall_s"] > 0 and run["history"][-1]["step"] == run["steps"]  # the curves' data
+    assert os.path.getsize(os.path.join(work, "curves", f"{name}.png")) > 1000
+  assert os.path.getsize(os.path.join(work, "tradeoff.png")) > 1000
+  assert set(saved["runs"]["paper"][0]["history"][-1]) >= {"bpc", "compute3", "f1_z1_word"}
+  penalised = open(os.path.join(work, "rate_band_seed0.log")).read()  # the penalty ran
+  assert "--rate_weight" not in penalised and "BPC" in penalised
+  assert json.load(open(os.path.join(work, "rate_band_seed0", "config.json")))["rate_weight"] == 10
   paper = saved["rows"]["paper"]
   assert len(paper["compute"]) == 3 and paper["compute"][0] == 1.0  # layer 1 computes every step
   assert "compute" not in saved["rows"]["lnlstm"]
@@ -60,4 +67,4 @@ def test_diverged_seeds_are_reported_not_averaged():
   assert both == {"seeds": 2, "diverged": [41, 41]}
   text = study.table([("a", "one diverged", half), ("b", "both diverged", both)])
   assert "2.500 ± 0.000 (1 more seed(s) diverged at step 41)" in text
-  assert "| b | both diverged | — | — | diverged at step 41, 41 |" in text
+  assert "| b | both diverged | — | — | — | diverged at step 41, 41 |" in text
