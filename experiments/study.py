@@ -66,6 +66,12 @@ ROWS = (
      ("--ln_placement=sum",) + RATE_BAND),
     ("no_ln_st_linear", "without layer norm, straight-through derivative a/2 everywhere",
      ("--layer_norm=false", "--st_gradient=linear")),
+    ("ln_sum_gain", "layer norm of the sum, gains 0.5 at initialisation",
+     ("--ln_placement=sum", "--ln_gain=0.5")),
+    ("ln_sum_gain_rate_band", "layer norm of the sum, gains 0.5, the boundary-rate penalty",
+     ("--ln_placement=sum", "--ln_gain=0.5") + RATE_BAND),
+    ("no_ln_rate_band", "without layer norm, the boundary-rate penalty",
+     ("--layer_norm=false",) + RATE_BAND),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 #: The protocols: flags on top of each row's. ``short`` is study.flags as written (3 epochs,
