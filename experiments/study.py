@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The boundary-rate penalty of the study's rows (not the paper's): weight 10, z¹'s rate kept
 #: in [0.1, 0.25] (word ends are 18% of the characters), z²'s in [0.02, 0.1].
 RATE_BAND = ("--rate_weight=10", "--rate_min=0.1,0.02", "--rate_max=0.25,0.1")
+#: The same band at weight 1, for the rows whose gradient stays local.
+RATE_BAND_1 = ("--rate_weight=1", "--rate_min=0.1,0.02", "--rate_max=0.25,0.1")
 
 #: (name, what changes, flags on top of study.flags). The first row is the baseline.
 ROWS = (
@@ -72,6 +74,11 @@ ROWS = (
      ("--ln_placement=sum", "--ln_gain=0.5") + RATE_BAND),
     ("no_ln_rate_band", "without layer norm, the boundary-rate penalty",
      ("--layer_norm=false",) + RATE_BAND),
+    ("st_local", "straight-through gradient local to the detector (ours)", ("--st_local=true",)),
+    ("ln_sum_local", "layer norm of the sum, local straight-through gradient",
+     ("--ln_placement=sum", "--st_local=true")),
+    ("ln_sum_local_band", "layer norm of the sum, local gradient, rate penalty at weight 1",
+     ("--ln_placement=sum", "--st_local=true") + RATE_BAND_1),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 #: The protocols: flags on top of each row's. ``short`` is study.flags as written (3 epochs,

@@ -136,8 +136,32 @@ def matmul_inputs(separate_terms: bool, h_prev: jax.Array, z_prev: jax.Array,
   return (jnp.concatenate(parts, axis=-1),)
 
 
+def detach_detector_inputs(projection: jax.Array, x: jax.Array, kernel: jax.Array, column: int,
+                           dtype: str | None = None) -> jax.Array:
+  """``projection`` = x @ kernel with its ž column's gradient sent to the kernel only, not to x.
+
+  The value is the same bit for bit (the ž column becomes p_ž + (l − l) with l = sg(x) @ k_ž,
+  whose gradient reaches k_ž alone). Used by ``HMLSTMConfig.st_local`` (decisions.md §2): the
+  straight-through gradient then trains each detector's own row without re-entering the states
+  it read, which cuts the recurrent path z_t → operation → h_{t+1} → ž_{t+2} → z_{t+2}.
+  """
+  local = matmul(jax.lax.stop_gradient(x), kernel[:, column:column + 1], dtype)
+  detector = (jax.lax.stop_gradient(projection[..., column:column + 1])
+              + (local - jax.lax.stop_gradient(local)))
+  return projection.at[..., column:column + 1].set(detector)
+
+
+def _gated(z: jax.Array, term: jax.Array, gate_rows: int, st_local: bool) -> jax.Array:
+  """z · term; with ``st_local`` the ž row (after ``gate_rows``) sends no gradient to z."""
+  if not st_local or term.shape[-1] == gate_rows:
+    return z * term
+  return jnp.concatenate([z * term[..., :gate_rows],
+                          jax.lax.stop_gradient(z) * term[..., gate_rows:]], axis=-1)
+
+
 def combine_terms(params: LayerParams, projections: tuple[jax.Array, ...], z_prev: jax.Array,
-                  z_below: jax.Array, bottom_up: jax.Array | None = None) -> jax.Array:
+                  z_below: jax.Array, bottom_up: jax.Array | None = None,
+                  st_local: bool = False) -> jax.Array:
   """s^ℓ_t from the matmul outputs of :func:`layer_kernels` (Eq. 5-7, layer norm, bias).
 
   ``bottom_up`` is the hoisted z-free term W h^(ℓ-1)_t of :func:`bottom_up_term`, gated here
@@ -148,18 +172,23 @@ def combine_terms(params: LayerParams, projections: tuple[jax.Array, ...], z_pre
   Layer norm, where ``params`` has it (decisions.md §3): per term (``ln_U``, ``ln_U_top``,
   ``ln_W``: each term normalised, then gated), or of the sum (``ln_s``: the gated sum of the
   three terms normalised once, LN(U h + z_prev·U_top h_above + z_below·W h_below) + b).
+  With ``st_local`` the boundaries that gate the ž row get no gradient from it (the matmul
+  inputs' share is cut by :func:`detach_detector_inputs`).
   """
   rows = params["b"].shape[-1]
   hidden_size = rows // 4  # R = 4·d + 1, or 4·d on the last layer
   projections = tuple(p[..., :rows] for p in projections)
+  gate_rows = 4 * hidden_size
   if "ln_U" in params:
     s = normalized_term(projections[0], params["ln_U"], hidden_size)
     if "ln_U_top" in params:
-      s = s + z_prev * normalized_term(projections[1], params["ln_U_top"], hidden_size)
+      top = normalized_term(projections[1], params["ln_U_top"], hidden_size)
+      s = s + _gated(z_prev, top, gate_rows, st_local)
     if bottom_up is None:
       bottom_up = normalized_term(projections[-1], params["ln_W"], hidden_size)
-    return s + z_below * bottom_up + params["b"]
-  s = projections[0] if bottom_up is None else projections[0] + z_below * bottom_up
+    return s + _gated(z_below, bottom_up, gate_rows, st_local) + params["b"]
+  s = (projections[0] if bottom_up is None else
+       projections[0] + _gated(z_below, bottom_up, gate_rows, st_local))
   if "ln_s" in params:
     s = normalized_term(s, params["ln_s"], hidden_size)
   return s + params["b"]
@@ -209,7 +238,8 @@ def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax
                  z_below: jax.Array, slope: jax.Array | float, *, variant: str,
                  ln_c: Mapping[str, jax.Array] | None = None,
                  noise: jax.Array | None = None,
-                 st_gradient: str = "hard_sigmoid") -> tuple[jax.Array, jax.Array, jax.Array]:
+                 st_gradient: str = "hard_sigmoid",
+                 st_local: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The UPDATE / COPY / FLUSH operation and the boundary, Eq. 2-4 and 8-9.
 
   f, i, o = sigmoid(s), g = tanh(s), ž = hard_sigm_a(s_ž) and, with masks
@@ -232,6 +262,10 @@ def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax
     ln_c: layer-norm parameters applied to c inside the tanh only (stored c is unnormalised).
     noise: uniform noise (B, 1) for the ``'sample'`` variant in training, else ``None``.
     st_gradient: the straight-through derivative (:data:`boundary.ST_GRADIENTS`).
+    st_local: the boundary's own blend z = (1 − COPY)·f_bound(ž) + COPY·z_prev sends no
+      gradient into the COPY mask (the copied z_prev still gets its share). Without it a run
+      of COPYs whose unused f_bound(ž) is 1 doubles z's cotangent at every step
+      (∂z/∂z_prev = f_bound(ž) + 1 there): see decisions.md §2.
 
   Returns:
     (c^ℓ_t, h^ℓ_t, z^ℓ_t).
@@ -252,5 +286,6 @@ def layer_update(s: jax.Array, c_prev: jax.Array, h_prev: jax.Array, z_prev: jax
     z = jnp.zeros_like(z_prev)
   else:
     z_new = boundary_lib.f_bound(s[:, 4 * d:], slope, variant, noise, st_gradient)
-    z = (1.0 - copy) * z_new + copy * z_prev
+    copy_z = jax.lax.stop_gradient(copy) if st_local else copy
+    z = (1.0 - copy_z) * z_new + copy_z * z_prev
   return c, h, z

@@ -50,6 +50,10 @@ class HMLSTMConfig:
     st_gradient: the straight-through derivative of the boundary (decisions.md §2):
       ``'hard_sigmoid'`` (the paper's: a/2 inside |a·x| < 1, 0 outside), ``'linear'`` (a/2
       everywhere) or ``'sigmoid'`` (the derivative of sigmoid(2a·x)).
+    st_local: [not the paper's] the straight-through gradient trains each detector's own row
+      (its weights and bias) and stops there, instead of flowing on into the states and
+      boundaries the detector read, and a copied z passes its gradient to the z it copies
+      without the COPY mask's share (decisions.md §2): the forward pass is the same bit for bit.
     ln_gain: the layer-norm gains γ at initialisation. [decision] 1, as Ba et al.; 0.5 tames
       the growth of the layer-normalised HM-LSTM's gradient back in time and scores 0.14
       BPC better in the small-scale study, but its upper layers then compute on nearly every
@@ -81,11 +85,15 @@ class HMLSTMConfig:
   ln_placement: str = "terms"
   ln_cell: bool = True
   st_gradient: str = "hard_sigmoid"
+  st_local: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
     if not self.ln_gain > 0:
       raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
+    if self.st_local and self.ln_boundary:
+      raise ValueError("st_local cuts the boundary row's gradient into the states, which "
+                       "ln_boundary mixes with the gate rows' statistics: use one of the two")
     if self.ln_boundary and not self.layer_norm:
       raise ValueError("ln_boundary normalises the boundary rows under layer norm: "
                        "set layer_norm too, or leave ln_boundary off")
@@ -224,9 +232,10 @@ def _kernels(params) -> tuple[tuple[jax.Array, ...], ...]:
 def _layer_core(small, projections, bottom_up, c_prev, h_prev, z_prev, z_below, slope, noise,
                 config: HMLSTMConfig):
   """Eq. 2-9 of one layer from its matmul outputs: the element-wise part of the step."""
-  s = cell.combine_terms(small, projections, z_prev, z_below, bottom_up)
+  s = cell.combine_terms(small, projections, z_prev, z_below, bottom_up, config.st_local)
   return cell.layer_update(s, c_prev, h_prev, z_prev, z_below, slope, variant=config.boundary,
-                           ln_c=small.get("ln_c"), noise=noise, st_gradient=config.st_gradient)
+                           ln_c=small.get("ln_c"), noise=noise, st_gradient=config.st_gradient,
+                           st_local=config.st_local)
 
 
 def _layer_context(above: State, below: State, layer: int):
@@ -256,6 +265,10 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
       h_above, h_below, z_below = _layer_context(state, state, layer)
       ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
       projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
+      if config.st_local and layer < len(state) - 1:
+        column = 4 * config.layer_sizes[layer]
+        projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
+                      for p, x, k in zip(projs, ins, kernels[layer]))
       c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
                             noise, config)
       state[layer] = schedule_lib.keep(active[layer], LayerState(h=h, c=c, z=z), own)
@@ -343,7 +356,12 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
       _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
       d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
           (acc[layer].c, d_h, d_z))
-      d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs, kernels_c[layer]))
+      if config.st_local and layer < L - 1:  # the ž column trains its kernel column only
+        column = 4 * config.layer_sizes[layer]
+        d_ins = tuple(cell.matmul(dp.at[:, column].set(0.0), k.T, dtype)
+                      for dp, k in zip(d_projs, kernels_c[layer]))
+      else:
+        d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs, kernels_c[layer]))
       _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.separate_terms),
                               own.h, own.z, h_above, z_below, h_below)
       dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)

@@ -41,8 +41,9 @@ class RecurrentConfig:
     ln_gain, boundary_bias: the layer-norm gains and the boundary rows' bias at
       initialisation (:class:`hmlstm.HMLSTMConfig`).
     ln_boundary: layer norm of the boundary rows too (:class:`hmlstm.HMLSTMConfig`).
-    ln_placement, ln_cell, st_gradient: where layer norm applies, whether it normalises c, and
-      the straight-through derivative (:class:`hmlstm.HMLSTMConfig`).
+    ln_placement, ln_cell, st_gradient, st_local: where layer norm applies, whether it
+      normalises c, the straight-through derivative and whether it stops at the detector
+      (:class:`hmlstm.HMLSTMConfig`).
     rate_weight, rate_min, rate_max: the optional boundary-rate penalty (not the paper's;
       :func:`boundary_penalty`): its weight (0: off) and each detector's band.
     schedule, matmul_dtype: the HM-LSTM's order of layer-steps and matmul operand dtype
@@ -71,6 +72,9 @@ class RecurrentConfig:
                              "hard_sigmoid (the paper's: a/2 inside |a x| < 1, else 0), linear "
                              "(a/2 everywhere) or sigmoid (of sigmoid(2 a x)).",
                              choices=boundary_lib.ST_GRADIENTS)
+  st_local: bool = setting(False, "Not the paper's: the straight-through gradient trains each "
+                           "detector's own weights and stops there (not into the states it read; "
+                           "the forward pass is unchanged).")
   rate_weight: float = setting(0.0, "Weight of the boundary-rate penalty (not the paper's; 0: "
                                "off): each detector's rate kept in [rate_min, rate_max].")
   rate_min: tuple[float, ...] = setting((), "Per detector (layers 1..L-1), the lowest boundary "
@@ -121,7 +125,8 @@ class RecurrentConfig:
                                matmul_dtype=self.matmul_dtype, ln_gain=self.ln_gain,
                                boundary_bias=self.boundary_bias, ln_boundary=self.ln_boundary,
                                schedule=self.schedule, ln_placement=self.ln_placement,
-                               ln_cell=self.ln_cell, st_gradient=self.st_gradient)
+                               ln_cell=self.ln_cell, st_gradient=self.st_gradient,
+                               st_local=self.st_local)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -363,3 +363,43 @@ def test_schedule_plans_and_critical_paths():
   assert schedule.critical_path("two_phase", 3, 100) == 201
   with pytest.raises(ValueError, match="schedule must be one of"):
     H.HMLSTMConfig(input_size=3, layer_sizes=(4,), schedule="diagonal")
+
+
+@pytest.mark.parametrize("layer_norm", [False, True, "sum"])
+def test_local_straight_through_keeps_the_forward_and_cuts_the_detectors_loop(layer_norm):
+  """st_local: the same outputs bit for bit; the custom backward = autodiff (float64); a
+  boundary's gradient reaches its detector's weights but no earlier input or state, where the
+  paper's estimator reaches both."""
+  config, params, xs = _setup("step", layer_norm, seed=3)
+  local = dataclasses.replace(config, st_local=True)
+  state0 = H.initial_state(config, B)
+  _, out = H.unroll(params, state0, xs, 1.5, config=config)
+  _, out_local = H.unroll(params, state0, xs, 1.5, config=local)
+  for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(out_local)):
+    np.testing.assert_array_equal(a, b)
+
+  def last_boundaries(params, state, xs, cfg, fast=True):
+    _, out = H.unroll(params, state, xs, 1.5, config=cfg, fast_backward=fast)
+    return jnp.sum(out.z[0][-1]) + jnp.sum(out.z[1][-1])
+
+  grad = jax.grad(last_boundaries, argnums=(0, 1, 2))
+  g_paper, g_local = grad(params, state0, xs, config), grad(params, state0, xs, local)
+  assert float(jnp.abs(g_paper[2][:-1]).sum()) > 0  # the paper's: back through the states
+  np.testing.assert_array_equal(g_local[2][:-1], 0.0)  # local: only x_T, read directly
+  assert all(float(jnp.abs(s.h).sum()) == 0 for s in g_local[1])
+  assert float(jnp.abs(g_local[0][1]["U"][:, -1]).sum()) > 0  # the detector still learns
+  with jax.enable_x64(True):
+    p64, x64 = _float64(params), _float64(xs)
+    s64 = H.initial_state(config, B, jnp.float64)
+    weights = [jax.random.normal(jax.random.key(i), (T, B, d), jnp.float64) for i, d in enumerate(SIZES)]
+
+    def loss(params, fast):
+      _, out = H.unroll(params, s64, x64, 1.5, config=local, fast_backward=fast)
+      return (sum(jnp.sum(w * h) for w, h in zip(weights, out.h))
+              + sum(jnp.sum(z * (l + 1.0)) for l, z in enumerate(out.z)))
+
+    fast, plain = jax.grad(loss)(p64, True), jax.grad(loss)(p64, False)
+  for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+  with pytest.raises(ValueError, match="st_local"):
+    dataclasses.replace(config, layer_norm=True, ln_boundary=True, st_local=True)
