@@ -79,6 +79,10 @@ ROWS = (
      ("--ln_placement=sum", "--st_local=true")),
     ("ln_sum_local_band", "layer norm of the sum, local gradient, rate penalty at weight 1",
      ("--ln_placement=sum", "--st_local=true") + RATE_BAND_1),
+    ("ln_sum_gain_local", "layer norm of the sum, gains 0.5, local straight-through gradient",
+     ("--ln_placement=sum", "--ln_gain=0.5", "--st_local=true")),
+    ("ln_sum_gain_local_band", "as ln_sum_gain_local, and the rate penalty at weight 1",
+     ("--ln_placement=sum", "--ln_gain=0.5", "--st_local=true") + RATE_BAND_1),
 )
 ROW_NAMES = tuple(name for name, _, _ in ROWS)
 #: The protocols: flags on top of each row's. ``short`` is study.flags as written (3 epochs,
