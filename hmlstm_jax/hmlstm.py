@@ -435,14 +435,19 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     deterministic: evaluation mode; the ``'sample'`` variant then uses the step function.
 
   Returns:
-    The state at t. Its ``h`` and ``z`` are the step's outputs.
+    The state at t. Its ``h`` and ``z`` are the step's outputs. The layers run bottom to top
+    whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
+    :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
   """
   _check_state(config, state)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
   body = _forward_body(_small_params(params), _kernels(params), slope, config, False)
   xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise)
-  new_state, _ = body(state, xs_t, schedule_lib.plan(config.schedule, config.num_layers)[1],
+  # One time step is bottom to top whatever config.schedule says: a schedule reorders the
+  # layer-steps of a whole sequence (two-phase skews layers across time steps), which a single
+  # step cannot do; unroll gives the same numbers under either schedule.
+  new_state, _ = body(state, xs_t, schedule_lib.plan("layers", config.num_layers)[1],
                       (None,) * config.num_layers)
   return new_state
 

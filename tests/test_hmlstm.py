@@ -121,6 +121,24 @@ def test_layer_one_never_copies_and_last_layer_never_flushes():
 
 
 @jax.enable_x64(True)
+@pytest.mark.parametrize("schedule", ["layers", "two_phase"])
+@pytest.mark.parametrize("sizes", [(4,), (4, 5), (4, 5, 6), (4, 5, 6, 3), (4, 5, 6, 3, 4)])
+def test_a_loop_of_step_equals_unroll_for_every_schedule(schedule, sizes):
+  """A user's decoding loop over ``step`` gives ``unroll``'s states, two-phase included
+  (step once took the two-phase layer order without its time skew: layer 3 read layer 2 of
+  the previous step)."""
+  config, params, xs = _setup("step", False, sizes=sizes, schedule=schedule)
+  params, xs = _float64(params), _float64(xs)
+  state = H.initial_state(config, B, jnp.float64)
+  _, out = H.unroll(params, state, xs, 1.0, config=config)
+  for t in range(T):
+    state = H.step(params, state, xs[t], 1.0, config=config)
+    for l in range(len(sizes)):
+      np.testing.assert_allclose(state[l].h, out.h[l][t], atol=1e-12)
+      np.testing.assert_array_equal(state[l].z, out.z[l][t])
+
+
+@jax.enable_x64(True)
 def test_unroll_equals_python_loop_over_step():
   """float64, so that the only difference left is the order of rounding (the scan hoists W x)."""
   config, params, xs = _setup("sample", layer_norm=True)
