@@ -46,10 +46,12 @@ def test_readme_layer_norm_gradient_reach_example_shows_what_it_says(tmp_path):
                           text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT))
   assert result.returncode == 0, result.stderr[-3000:]
   rows = {k: [float(v) for v in row.split()]
-          for k, row in re.findall(r"(layer_norm=\w+ ln_gain=[\d.]+): (.*)", result.stdout)}
-  plain, normalised, half = (rows[f"layer_norm={ln} ln_gain={g}"]
-                             for ln, g in (("False", 1.0), ("True", 1.0), ("True", 0.5)))
-  assert len(plain) == len(normalised) == len(half) == 10
+          for k, row in re.findall(r"^(layer_norm=[^:]+): (.*)$", result.stdout, re.M)}
+  plain, normalised, half, summed = (
+      rows[k] for k in ("layer_norm=False", "layer_norm=True", "layer_norm=True ln_gain=0.5",
+                        "layer_norm=True ln_placement=sum ln_gain=0.5 st_local=True"))
+  assert len(plain) == len(normalised) == len(half) == len(summed) == 10
+  assert max(summed[1:]) < 10 * summed[0]     # the sum, gains 0.5, local: no growth either
   assert max(plain[1:]) < 10 * plain[0]       # without layer norm: no growth back in time
   assert normalised[-1] > 1e6 * normalised[0]  # with it: many orders of magnitude
   assert half[-1] < 1e-3 * normalised[-1]      # gains 0.5 slow it by orders of magnitude
