@@ -142,6 +142,11 @@ class Handwriting(Experiment):
     return nll + penalty, (carry, {"nll": nll, "rate_penalty": penalty,
                                    **analysis.boundary_rates(outs.rnn, batch.mask)})
 
+  def loss_weight(self, batch):
+    """The real points of this device's rows: the loss is the NLL per real point of the whole
+    global batch, whatever the devices (decisions.md §5)."""
+    return jnp.sum(batch.mask)
+
   def eval_sums(self, params, carry, batch, slope):
     """Log-likelihood sum over sequences, sequence and point counts; for the HM-LSTM the
     (COPY, UPDATE, FLUSH) counts per layer and boundary hits, padding left out."""

@@ -125,3 +125,17 @@ def test_missing_iam_ondb_fails_fast_with_instructions(tmp_path):
   assert "trainset.txt" in line
   assert time.time() - start < 60
   assert not os.path.exists(tmp_path / "run")  # nothing half-written
+
+
+def test_the_same_gradient_on_one_two_and_four_devices(tmp_path):
+  """Lines of very different lengths land on different devices; the loss is the NLL per real
+  point of the global batch, so 1, 2 and 4 devices follow the same steps."""
+  runs = {n: training.train_and_evaluate(
+              tiny(num_devices=n, batch_size=4, min_length=40, length_multiple=50,
+                   synthetic_lines=40),
+              str(tmp_path / f"d{n}"), max_steps=4)
+          for n in (1, 2, 4)}
+  one = np.asarray(runs[1]["train_losses"])
+  assert len(set(np.round(one, 3))) > 2  # it is really training
+  for n in (2, 4):
+    np.testing.assert_allclose(runs[n]["train_losses"], one, rtol=2e-5)

@@ -116,6 +116,16 @@ class Experiment:
     """
     raise NotImplementedError
 
+  def loss_weight(self, batch) -> Any:
+    """How many items the mean :meth:`loss` of this device's rows averages over (e.g. the
+    real, unmasked points), or ``None`` (the default) when every device's batch holds the
+    same number. With a weight the trainer combines the devices' losses and gradients as
+    Σ_d w_d · loss_d / Σ_d w_d, the mean over every item of the global batch, so that a run
+    follows the same gradients on 1, 2 or 4 devices (and resumes on another topology).
+    Traced inside the step, like :meth:`loss`."""
+    del batch
+    return None
+
   def eval_sums(self, params, carry, batch, slope) -> tuple[Any, dict]:
     """Per-device sums of one evaluation batch: ``(carry, {name: array})``. The trainer sums
     them over devices, hosts and batches (in float64 on the host) and calls :meth:`summarize`."""

@@ -68,9 +68,20 @@ def _loss_inputs(state: TrainState, batch, reset: jax.Array, experiment):
   return key, carry
 
 
+def _device_mean(tree, weight):
+  """The mean of ``tree`` over ``AXIS``: plain, or weighted by each device's ``weight`` (the
+  items its mean loss is over), Σ_d w_d·x_d / Σ_d w_d (:meth:`Experiment.loss_weight`)."""
+  if weight is None:
+    return jax.lax.pmean(tree, AXIS)
+  weight = jnp.asarray(weight, jnp.float32)
+  share = weight / jnp.maximum(jax.lax.psum(weight, AXIS), 1e-30)
+  return jax.lax.psum(jax.tree_util.tree_map(lambda x: x * share.astype(x.dtype), tree), AXIS)
+
+
 def train_step(state: TrainState, batch, slope: jax.Array, reset: jax.Array, *, experiment,
                optimizer) -> tuple[TrainState, dict]:
-  """One batch on this device's rows; gradients and metrics are averaged over ``AXIS``.
+  """One batch on this device's rows; gradients and metrics are averaged over ``AXIS``
+  (weighted by :meth:`Experiment.loss_weight` where the experiment gives one).
 
   Args:
     state: this device's :class:`TrainState`.
@@ -87,14 +98,15 @@ def train_step(state: TrainState, batch, slope: jax.Array, reset: jax.Array, *, 
   key, carry = _loss_inputs(state, batch, reset, experiment)
   (loss, (new_carry, metrics)), grads = jax.value_and_grad(experiment.loss, has_aux=True)(
       state.params, carry, batch, slope, key)
-  grads = jax.lax.pmean(grads, AXIS)
+  weight = experiment.loss_weight(batch)
+  grads = _device_mean(grads, weight)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   updates = jax.tree_util.tree_map(lambda u: u * state.plateau.scale, updates)
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
       carry=jax.lax.stop_gradient(new_carry))
   out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
-  return new_state, jax.lax.pmean(out, AXIS)
+  return new_state, _device_mean(out, weight)
 
 
 def probe_step(state: TrainState, batch, slope: jax.Array, reset: jax.Array, *,
@@ -106,7 +118,7 @@ def probe_step(state: TrainState, batch, slope: jax.Array, reset: jax.Array, *,
   """
   key, carry = _loss_inputs(state, batch, reset, experiment)
   loss, _ = experiment.loss(state.params, carry, batch, slope, key)
-  return jax.lax.pmean(loss, AXIS)
+  return _device_mean(loss, experiment.loss_weight(batch))
 
 
 def eval_step(params, carry, batch, slope: jax.Array, *, experiment):
