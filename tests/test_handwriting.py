@@ -8,6 +8,7 @@ import sys
 import time
 
 from absl import flags
+import jax
 import numpy as np
 import pytest
 
@@ -15,7 +16,9 @@ from experiments import handwriting
 from hmlstm_jax import settings
 from hmlstm_jax import training
 from hmlstm_jax.data import iam_ondb
+from hmlstm_jax.training import checkpoints
 from hmlstm_jax.training import cli
+from hmlstm_jax.training import steps
 from test_iam_ondb import make_manual_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,5 +140,15 @@ def test_the_same_gradient_on_one_two_and_four_devices(tmp_path):
           for n in (1, 2, 4)}
   one = np.asarray(runs[1]["train_losses"])
   assert len(set(np.round(one, 3))) > 2  # it is really training
+  params = {}
+  for n in (1, 2, 4):  # the parameters each run checkpointed when it stopped
+    experiment = tiny(num_devices=n)
+    experiment.load_data(training.Hosts(0, 1))
+    template = steps.init_state(jax.random.key(0), experiment, steps.make_optimizer(1.0, 1.0),
+                                steps.make_plateau(0.02, 1), rows=4)
+    ckpt = checkpoints.Checkpointer(str(tmp_path / f"d{n}"), 3)
+    params[n] = ckpt.restore(ckpt.steps()[-1], template)[0].params
   for n in (2, 4):
     np.testing.assert_allclose(runs[n]["train_losses"], one, rtol=2e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(params[n]), jax.tree_util.tree_leaves(params[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
