@@ -187,11 +187,12 @@ def combine_terms(params: LayerParams, projections: tuple[jax.Array, ...], z_pre
     if bottom_up is None:
       bottom_up = normalized_term(projections[-1], params["ln_W"], hidden_size)
     return s + _gated(z_below, bottom_up, gate_rows, st_local) + params["b"]
-  s = (projections[0] if bottom_up is None else
-       projections[0] + _gated(z_below, bottom_up, gate_rows, st_local))
   if "ln_s" in params:
-    s = normalized_term(s, params["ln_s"], hidden_size)
-  return s + params["b"]
+    s = (projections[0] if bottom_up is None else
+         projections[0] + _gated(z_below, bottom_up, gate_rows, st_local))
+    return normalized_term(s, params["ln_s"], hidden_size) + params["b"]
+  s = projections[0] + params["b"]  # this order of the sums keeps earlier runs' bits
+  return s if bottom_up is None else s + _gated(z_below, bottom_up, gate_rows, st_local)
 
 
 def pre_activation(params: LayerParams, h_prev: jax.Array, z_prev: jax.Array,
