@@ -1,6 +1,7 @@
 r"""The small-scale study on real text: does our HM-LSTM learn as well as it can?
 
-    python -m experiments.study                  # every row, two seeds (~1 hour on 2 CPU cores)
+    python -m experiments.study                  # every row (29), two seeds (~2.5 hours on 2 CPU cores)
+    python -m experiments.study --protocol=long --rows=lnlstm,paper   # 20 epochs a run (~20 min each)
     python -m experiments.study --rows=paper,ln_gain --seeds=0
 
 Each row is the character-LM binary (``experiments.charlm``) with ``study.flags`` (HM-LSTM as
