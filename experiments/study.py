@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: in [0.1, 0.25] (word ends are 18% of the characters), z²'s in [0.02, 0.1].
 RATE_BAND = ("--rate_weight=10", "--rate_min=0.1,0.02", "--rate_max=0.25,0.1")
 #: The same band at weight 1, for the rows whose gradient stays local.
-RATE_BAND_1 = ("--rate_weight=1", "--rate_min=0.1,0.02", "--rate_max=0.25,0.1")
+RATE_BAND_1 = ("--rate_weight=1",) + RATE_BAND[1:]
 
 #: (name, what changes, flags on top of study.flags). The first row is the baseline.
 ROWS = (

@@ -229,6 +229,14 @@ def _kernels(params) -> tuple[tuple[jax.Array, ...], ...]:
   return tuple(cell.layer_kernels(p, hoisted=layer == 0) for layer, p in enumerate(params))
 
 
+def _local_detector_column(config: HMLSTMConfig, layer: int) -> int | None:
+  """The ž column of ``layer``'s matmul outputs when ``st_local`` cuts its gradient into the
+  matmul inputs (decisions.md §2), else ``None`` (off, or the last layer: no detector)."""
+  if not config.st_local or layer == config.num_layers - 1:
+    return None
+  return 4 * config.layer_sizes[layer]
+
+
 def _layer_core(small, projections, bottom_up, c_prev, h_prev, z_prev, z_below, slope, noise,
                 config: HMLSTMConfig):
   """Eq. 2-9 of one layer from its matmul outputs: the element-wise part of the step."""
@@ -265,8 +273,8 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
       h_above, h_below, z_below = _layer_context(state, state, layer)
       ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
       projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
-      if config.st_local and layer < len(state) - 1:
-        column = 4 * config.layer_sizes[layer]
+      column = _local_detector_column(config, layer)
+      if column is not None:
         projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
                       for p, x, k in zip(projs, ins, kernels[layer]))
       c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
@@ -356,12 +364,12 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
       _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
       d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
           (acc[layer].c, d_h, d_z))
-      if config.st_local and layer < L - 1:  # the ž column trains its kernel column only
-        column = 4 * config.layer_sizes[layer]
-        d_ins = tuple(cell.matmul(dp.at[:, column].set(0.0), k.T, dtype)
-                      for dp, k in zip(d_projs, kernels_c[layer]))
+      column = _local_detector_column(config, layer)
+      if column is not None:  # the ž column trains its kernel column only, not the inputs
+        d_projs_in = tuple(dp.at[:, column].set(0.0) for dp in d_projs)
       else:
-        d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs, kernels_c[layer]))
+        d_projs_in = d_projs
+      d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs_in, kernels_c[layer]))
       _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.separate_terms),
                               own.h, own.z, h_above, z_below, h_below)
       dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
