@@ -256,7 +256,8 @@ def _layer_context(above: State, below: State, layer: int):
   return h_above, below[layer - 1].h, below[layer - 1].z
 
 
-def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: bool):
+def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: bool,
+                  skip_copy: bool = False):
   """The body of the forward loop for :func:`schedule.skewed_scan`: the given layers take
   one step each, in order, every one reading the state as the layers before it left it.
 
@@ -264,25 +265,48 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
   the outputs (h, z) and, with ``keep_residuals``, what the custom backward of
   :func:`_recurrence` keeps besides: c and the matmul outputs. (The state before each step
   and the matmul inputs follow from h, z and c after the loop: fewer buffers written in it.)
+
+  With ``skip_copy`` (:func:`step` only) a layer above the first whose rows all COPY does no
+  work: :func:`layer_needed` decides, ``lax.cond`` runs the layer or hands its state back.
   """
+  def layer_step(state, layer, bottom_up, noise):
+    own = state[layer]
+    h_above, h_below, z_below = _layer_context(state, state, layer)
+    ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
+    projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
+    column = _local_detector_column(config, layer)
+    if column is not None:
+      projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
+                    for p, x, k in zip(projs, ins, kernels[layer]))
+    c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
+                          noise, config)
+    return LayerState(h=h, c=c, z=z), projs
+
   def body(state, xs_t, layers, active):
     state, ys = list(state), [None] * len(state)
     for layer in layers:
       bottom_up, noise = xs_t[layer]
       own = state[layer]
-      h_above, h_below, z_below = _layer_context(state, state, layer)
-      ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
-      projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
-      column = _local_detector_column(config, layer)
-      if column is not None:
-        projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
-                      for p, x, k in zip(projs, ins, kernels[layer]))
-      c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
-                            noise, config)
-      state[layer] = schedule_lib.keep(active[layer], LayerState(h=h, c=c, z=z), own)
-      ys[layer] = (h, z) + ((c, projs) if keep_residuals else ())
+      if skip_copy and layer > 0:
+        new = jax.lax.cond(layer_needed(own.z, state[layer - 1].z),
+                           lambda s: layer_step(s, layer, bottom_up, noise)[0],
+                           lambda s: s[layer], tuple(state))
+        projs = None
+      else:
+        new, projs = layer_step(state, layer, bottom_up, noise)
+      state[layer] = schedule_lib.keep(active[layer], new, own)
+      ys[layer] = (new.h, new.z) + ((new.c, projs) if keep_residuals else ())
     return tuple(state), tuple(ys)
   return body
+
+
+def layer_needed(z_prev: jax.Array, z_below: jax.Array) -> jax.Array:
+  """Whether any row of a layer leaves COPY at this step (decisions.md §1 table): a scalar
+  bool, false exactly when z^ℓ_{t-1} = 0 and z^(ℓ-1)_t = 0 in every row. On such a step Eq.
+  2-4 give c^ℓ_t = c^ℓ_{t-1}, h^ℓ_t = h^ℓ_{t-1} and z^ℓ_t = z^ℓ_{t-1} = 0 whatever the layer
+  would compute, so skipping its matmul and its element-wise work changes nothing (the
+  ``'soft'`` variant's z is rarely exactly 0: it seldom skips)."""
+  return jnp.any(z_prev != 0) | jnp.any(z_below != 0)
 
 
 def _per_layer_inputs(config: HMLSTMConfig, bottom_up_1, noise) -> tuple:
@@ -430,7 +454,7 @@ def _samples(key, config: HMLSTMConfig, deterministic: bool) -> bool:
 
 
 def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = None, *,
-         config: HMLSTMConfig, deterministic: bool = False) -> State:
+         config: HMLSTMConfig, deterministic: bool = False, skip_copy: bool = False) -> State:
   """One time step of every layer, Eq. 2-9 applied bottom to top.
 
   Args:
@@ -441,6 +465,12 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     key: PRNG key; used only by the ``'sample'`` variant in training.
     config: the :class:`HMLSTMConfig` (static).
     deterministic: evaluation mode; the ``'sample'`` variant then uses the step function.
+    skip_copy: run a layer above the first only when some row leaves COPY (``lax.cond`` on
+      :func:`layer_needed`); otherwise its state is handed back untouched. The paper's
+      saving of COPY (Fig. 4) made real where one step runs at a time (sampling, streaming
+      inference at small batch): the same state bit for bit, the work of the layers that all
+      rows COPY skipped. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in
+      a large batch some row nearly always needs each layer: there it saves nothing.
 
   Returns:
     The state at t. Its ``h`` and ``z`` are the step's outputs. The layers run bottom to top
@@ -450,7 +480,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   _check_state(config, state)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
-  body = _forward_body(_small_params(params), _kernels(params), slope, config, False)
+  body = _forward_body(_small_params(params), _kernels(params), slope, config, False, skip_copy)
   xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise)
   # One time step is bottom to top whatever config.schedule says: a schedule reorders the
   # layer-steps of a whole sequence (two-phase skews layers across time steps), which a single

@@ -447,3 +447,29 @@ def test_gradient_reach_at_initialisation_stays_within_100_for_the_shipped_layer
   for seed in range(3):
     assert _gradient_reach(seed, **shipped) < 100
   assert not _gradient_reach(0, layer_norm=True) < 1e4  # nan / inf count as failing too
+
+
+@pytest.mark.parametrize("boundary,layer_norm,extra", [
+    ("step", False, {}), ("step", True, {}), ("step", "sum", {"st_local": True}),
+    ("sample", False, {}), ("sample", "sum", {}), ("soft", False, {}),
+    ("step", False, {"schedule": "two_phase"}), ("step", True, {"matmul_dtype": "bfloat16"})])
+@pytest.mark.parametrize("sizes", [(4, 5, 6), (4, 5, 6, 3, 4)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_skipping_copy_layers_gives_the_same_bits(boundary, layer_norm, extra, sizes, batch):
+  """``skip_copy`` hands back the state of a layer whose rows all COPY instead of computing
+  it: the states are bit-identical to the plain step's, and layers were skipped."""
+  config, params, xs = _setup(boundary, layer_norm, sizes=sizes, boundary_bias=-0.7, **extra)
+  xs = xs[:, :batch]
+  step = jax.jit(H.step, static_argnames=("config", "deterministic", "skip_copy"))
+  plain = skipping = H.initial_state(config, batch)
+  skipped = 0
+  for t, key in enumerate(jax.random.split(jax.random.key(5), T)):
+    plain = step(params, plain, xs[t], 1.5, key, config=config)
+    before, skipping = skipping, step(params, skipping, xs[t], 1.5, key, config=config,
+                                      skip_copy=True)
+    skipped += sum(not bool(H.hmlstm.layer_needed(before[l].z, skipping[l - 1].z))
+                   for l in range(1, len(sizes)))  # z^ℓ_{t-1} and z^(ℓ-1)_t
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(skipping)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if boundary != "soft":
+    assert skipped > 0, "no layer was ever all-COPY: the test would not see a wrong skip"
