@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import charlm
+from experiments import generation
 from experiments import hlo
 import hmlstm_jax as hm
 from hmlstm_jax import schedule
@@ -180,6 +181,49 @@ def make_lstm_step(shape: Shape, dtype: str | None = None):
   return (params, opt.init(params), ()), jax.jit(train_step, donate_argnums=(0, 1))
 
 
+def cudnn_unavailable(dtype: str | None = None) -> str | None:
+  """Why JAX's cuDNN LSTM cannot be timed here, or ``None`` when it can."""
+  if jax.devices()[0].platform != "gpu":
+    return f"cuDNN's LSTM needs an NVIDIA GPU (this device: {jax.devices()[0].platform})"
+  if dtype is not None:
+    return "jax.experimental.rnn.lstm has no bfloat16 (float32 only)"
+  return None
+
+
+def make_cudnn_step(shape: Shape, dtype: str | None = None):
+  """(init_args, jitted step) for JAX's cuDNN LSTM (``jax.experimental.rnn.lstm``, the
+  vendor's fused kernel: the anchor on GPU) with the Flax stack's embedding and softmax."""
+  reason = cudnn_unavailable(dtype)
+  if reason:
+    raise RuntimeError(reason)
+  from jax.experimental import rnn  # pylint: disable=import-outside-toplevel
+  d, L = shape.layer_sizes[0], len(shape.layer_sizes)
+  if any(size != d for size in shape.layer_sizes):
+    raise ValueError(f"cuDNN's LSTM has one width for every layer, got {shape.layer_sizes}")
+  k_e, k_w, k_d = jax.random.split(jax.random.key(0), 3)
+  params = {"embed": jax.random.normal(k_e, (shape.vocab, shape.embed)),
+            "lstm": rnn.init_lstm_weight(k_w, shape.embed, d, L, False),
+            "W": jax.random.normal(k_d, (d, shape.vocab)) / d ** 0.5,
+            "b": jnp.zeros((shape.vocab,))}
+  opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
+
+  def loss_fn(p, inputs, targets):
+    zeros = jnp.zeros((L, inputs.shape[0], d))
+    lengths = jnp.full((inputs.shape[0],), inputs.shape[1], jnp.int32)
+    y, _, _ = rnn.lstm(p["embed"][inputs], zeros, zeros, p["lstm"], lengths,
+                       input_size=shape.embed, hidden_size=d, num_layers=L, dropout=0.0,
+                       bidirectional=False)
+    return _nll(y @ p["W"] + p["b"], targets)
+
+  def train_step(params, opt_state, state, inputs, targets, slope):
+    del slope
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, state, loss
+
+  return (params, opt.init(params), ()), jax.jit(train_step, donate_argnums=(0, 1))
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -262,25 +306,42 @@ def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int
   return results
 
 
+#: The training steps :func:`run` can time: name -> (label in the table, whether it is an
+#: HM-LSTM, maker(shape, layer_norm, dtype)).
+TRAIN_MODELS = {
+    "hmlstm": ("hmlstm", True, lambda s, ln, dt: make_hmlstm_step(s, ln, dt)),
+    "hmlstm_autodiff": ("hm-autod", True,
+                        lambda s, ln, dt: make_hmlstm_step(s, ln, dt, fast_backward=False)),
+    "hmlstm_two_phase": ("hm-2ph", True,
+                         lambda s, ln, dt: make_hmlstm_step(s, ln, dt, schedule="two_phase")),
+    "lstm": ("lstm", False, lambda s, ln, dt: make_lstm_step(s, dt)),
+    "cudnn_lstm": ("cudnn", False, lambda s, ln, dt: make_cudnn_step(s, dt)),
+}
+DEFAULT_TRAIN_MODELS = ("hmlstm", "hmlstm_autodiff", "hmlstm_two_phase", "lstm")
+
+
 def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
-        dtype: str | None = None) -> dict:
-  """Times the models at ``shape`` in this process, in alternation; returns one JSON-able
-  record.
+        dtype: str | None = None, models: Sequence[str] = DEFAULT_TRAIN_MODELS) -> dict:
+  """Times the ``models`` of :data:`TRAIN_MODELS` at ``shape`` in this process, in
+  alternation; returns one JSON-able record (``hmlstm`` and ``lstm`` are always among them:
+  the ratios are theirs).
 
   ``dtype='bfloat16'``: the HM-LSTM's matmul operands in bf16 (float32 accumulation and
-  element-wise math) and the LSTM cells with ``dtype=bfloat16``.
+  element-wise math) and the LSTM cells with ``dtype=bfloat16``. ``cudnn_lstm`` where it
+  cannot run (no NVIDIA GPU; bf16) is left out and its reason recorded under ``skipped``.
   """
+  models = tuple(dict.fromkeys(("hmlstm", *models, "lstm")))
+  skipped = {}
+  if "cudnn_lstm" in models and cudnn_unavailable(dtype):
+    skipped["cudnn_lstm"] = cudnn_unavailable(dtype)
+    models = tuple(m for m in models if m != "cudnn_lstm")
   hm_flops = train_step_flops(hmlstm_flops_per_token(shape), shape)
   lstm_flops = train_step_flops(lstm_flops_per_token(shape), shape)
-  timed = time_steps({
-      "hmlstm": lambda s: make_hmlstm_step(s, layer_norm, dtype),
-      "hmlstm_autodiff": lambda s: make_hmlstm_step(s, layer_norm, dtype, fast_backward=False),
-      "hmlstm_two_phase": lambda s: make_hmlstm_step(s, layer_norm, dtype, schedule="two_phase"),
-      "lstm": lambda s: make_lstm_step(s, dtype)}, shape, warmup, iters)
-  hm_res, autodiff_res, two_phase_res, lstm_res = timed.values()
-  for res in (hm_res, autodiff_res, two_phase_res):
-    res.update(step_gflop=hm_flops / 1e9, achieved_gflops=hm_flops / res["median_s"] / 1e9)
-  lstm_res.update(step_gflop=lstm_flops / 1e9, achieved_gflops=lstm_flops / lstm_res["median_s"] / 1e9)
+  timed = time_steps({m: lambda s, m=m: TRAIN_MODELS[m][2](s, layer_norm, dtype) for m in models},
+                     shape, warmup, iters)
+  for name, res in timed.items():
+    flops = hm_flops if TRAIN_MODELS[name][1] else lstm_flops
+    res.update(step_gflop=flops / 1e9, achieved_gflops=flops / res["median_s"] / 1e9)
   d, L = shape.layer_sizes, len(shape.layer_sizes)
   middle = 1 if L > 2 else 0
   fused_k = d[middle - 1 if middle else 0] + d[middle] + (d[middle + 1] if middle < L - 1 else 0)
@@ -293,20 +354,21 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
           matmul_rate(shape.batch * shape.steps, d[0], 4 * d[0] + 1, repeats=4),
   }
   machine = next(iter(rates.values()))
-  for res in (hm_res, autodiff_res, two_phase_res, lstm_res):
+  for res in timed.values():
     res["fraction_of_machine"] = res["achieved_gflops"] / machine
+  lstm_s = timed["lstm"]["median_s"]
   return {
       "shape": dataclasses.asdict(shape),
       "layer_norm": layer_norm,
       "dtype": dtype or "float32",
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.local_device_count()}",
-      "hmlstm": hm_res,
-      "hmlstm_autodiff": autodiff_res,
-      "hmlstm_two_phase": two_phase_res,
-      "lstm": lstm_res,
+      **timed,
+      "models": list(timed),
+      "skipped": skipped,
       "flop_ratio": hm_flops / lstm_flops,
-      "time_ratio": hm_res["median_s"] / lstm_res["median_s"],
-      "two_phase_time_ratio": two_phase_res["median_s"] / lstm_res["median_s"],
+      "time_ratio": timed["hmlstm"]["median_s"] / lstm_s,
+      **({"two_phase_time_ratio": timed["hmlstm_two_phase"]["median_s"] / lstm_s}
+         if "hmlstm_two_phase" in timed else {}),
       "critical_path": {s: schedule.critical_path(s, L, shape.steps) for s in schedule.SCHEDULES},
       "machine_matmul_gflops": rates,
   }
@@ -338,18 +400,21 @@ def format_table(records: Sequence[dict]) -> str:
           f"{'GFLOP':>9}{'GFLOP/s':>9}{'machine':>8}{'peak MB':>9}  loop matmuls/step (chain)")
   lines = [head, "-" * len(head)]
   for r in records:
-    for model, label in (("hmlstm", "hmlstm"), ("hmlstm_autodiff", "hm-autod"),
-                         ("hmlstm_two_phase", "hm-2ph"), ("lstm", "lstm")):
+    for model in r.get("models", DEFAULT_TRAIN_MODELS):
       m = r[model]
       lines.append(
-          f"{r['shape']['name']:<7}{label:<9}{m['median_s']:>10.4f}{m['min_s']:>9.4f}"
+          f"{r['shape']['name']:<7}{TRAIN_MODELS[model][0]:<9}{m['median_s']:>10.4f}{m['min_s']:>9.4f}"
           f"{m['tokens_per_s']:>10.0f}{m['compile_s']:>11.1f}{m['step_gflop']:>9.2f}"
           f"{m['achieved_gflops']:>9.1f}{m['fraction_of_machine']:>8.0%}{m['peak_memory_mb']:>9.1f}"
           f"  {m['loop_matmuls_per_step']} ({m['loop_matmul_chain']})")
+    for model, reason in r.get("skipped", {}).items():
+      lines.append(f"{r['shape']['name']:<7}{TRAIN_MODELS[model][0]:<9}  not timed: {reason}")
     rates = ", ".join(f"{k}: {v:.1f}" for k, v in r["machine_matmul_gflops"].items())
     paths = ", ".join(f"{k} {v}" for k, v in r["critical_path"].items())
-    lines.append(f"{'':<7}{r['dtype']}, layer norm {r['layer_norm']}. HM-LSTM / LSTM: time {r['time_ratio']:.2f}x "
-                 f"(two-phase {r['two_phase_time_ratio']:.2f}x), FLOPs {r['flop_ratio']:.2f}x; "
+    two_phase = (f" (two-phase {r['two_phase_time_ratio']:.2f}x)" if "two_phase_time_ratio" in r
+                 else "")
+    lines.append(f"{'':<7}{r['dtype']}, layer norm {r['layer_norm']}. HM-LSTM / LSTM: time "
+                 f"{r['time_ratio']:.2f}x{two_phase}, FLOPs {r['flop_ratio']:.2f}x; "
                  f"dependent layer-steps: {paths}; machine matmul GFLOP/s {rates}")
   lines.append(f"device: {records[0]['device']}")
   return "\n".join(lines)
@@ -466,10 +531,11 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The binary's flags; defined only when it runs, so that importing this module (the tests,
   other binaries) adds nothing to the global flag registry."""
-  flags.DEFINE_enum("mode", "models", ["models", "profile", "loop"],
+  flags.DEFINE_enum("mode", "models", ["models", "profile", "loop", "generate"],
                     "models: the HM-LSTM and LSTM steps; profile: where each step's time goes "
                     "(JAX's profiler, by category); loop: the trainer's loop against the bare "
-                    "step.")
+                    "step; generate: sampling speed, one character at a time "
+                    "(experiments.generation).")
   flags.DEFINE_bool("quick", False, "Run only the small 'quick' shape (seconds; for CI and smoke tests).")
   flags.DEFINE_list("shapes", ["ptb", "text8"], f"Shapes to time, from {sorted(SHAPES)}.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0)
@@ -482,6 +548,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("round_steps", 10, "--mode=loop: steps per round.", lower_bound=1)
   flags.DEFINE_integer("log_every", 5, "--mode=loop: the trainer's progress-line cadence.",
                        lower_bound=1)
+  flags.DEFINE_list("batches", ["1", "8"], "--mode=generate: batch sizes.")
+  flags.DEFINE_integer("gen_chars", 500, "--mode=generate: characters per timed run.",
+                       lower_bound=1)
+  flags.DEFINE_list("compute", [str(c) for c in generation.DEFAULT_COMPUTE],
+                    "--mode=generate: the share of (row, step) pairs on which each layer "
+                    "computes, reached by setting the detector biases (the first is 1).")
   flags.DEFINE_bool("layer_norm", False, "Time the HM-LSTM with layer normalisation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Matmul operand dtype of both models (bfloat16: float32 accumulation).")
@@ -504,11 +576,16 @@ def main(argv):
     if FLAGS.mode == "loop":
       records.append(time_trainer_loop(SHAPES[name], FLAGS.rounds, FLAGS.round_steps,
                                        FLAGS.log_every, FLAGS.layer_norm, dtype))
+    elif FLAGS.mode == "generate":
+      records.append(generation.time_generation(
+          SHAPES[name], [int(b) for b in FLAGS.batches], FLAGS.gen_chars, FLAGS.rounds,
+          [float(c) for c in FLAGS.compute], FLAGS.layer_norm, dtype))
     elif FLAGS.mode == "profile":
       records.append(profile_models(SHAPES[name], FLAGS.profile_runs, FLAGS.layer_norm, dtype))
     else:
       records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype))
   formats = {"loop": lambda rs: "\n".join(map(format_loop, rs)),
+             "generate": lambda rs: "\n\n".join(map(generation.format_generation, rs)),
              "profile": lambda rs: "\n\n".join(map(format_profiles, rs)), "models": format_table}
   print(formats[FLAGS.mode](records))
   text = json.dumps(records, indent=1)

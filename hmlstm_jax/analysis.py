@@ -193,20 +193,21 @@ def boundary_lines(boundaries: dict, unit: str = "ends") -> list[str]:
 def sample(params, config: models.CharLMConfig, prompt: np.ndarray, num_chars: int,
            key: jax.Array, num_samples: int, slope: float) -> np.ndarray:
   """Sampled continuations: reads ``prompt`` (ids), then draws ``num_chars`` symbols from the
-  model's softmax, feeding each back; returns (num_samples, num_chars) ids."""
+  model's softmax, feeding each back one step at a time (:func:`models.charlm_step`, the
+  HM-LSTM's all-COPY layers skipped); returns (num_samples, num_chars) ids."""
   prompt = jnp.broadcast_to(jnp.asarray(prompt, jnp.int32), (num_samples, len(prompt)))
-  apply = lambda state, tokens: models.charlm_apply(params, state, tokens, slope, config=config,
-                                                    deterministic=True)
 
   @jax.jit
   def run(key):
-    logits, outs = apply(hmlstm.initial_state(config.hmlstm, num_samples), prompt)
+    logits, outs = models.charlm_apply(params, hmlstm.initial_state(config.hmlstm, num_samples),
+                                       prompt, slope, config=config, deterministic=True)
 
     def body(carry, k):
       state, last_logits = carry
       token = jax.random.categorical(k, last_logits)
-      logits, outs = apply(state, token[:, None])
-      return (outs.final_state, logits[:, 0]), token
+      logits, state = models.charlm_step(params, state, token, slope, config=config,
+                                         skip_copy=True)
+      return (state, logits), token
 
     _, tokens = jax.lax.scan(body, (outs.final_state, logits[:, -1]), jax.random.split(key, num_chars))
     return tokens.T

@@ -216,6 +216,54 @@ def recurrence_and_output(params: dict, state: hmlstm.State, xs: jax.Array, slop
   return final, outs, heads.output_module(params["output"], outs.h)
 
 
+def recurrence_step(params: dict, state: hmlstm.State, x_t: jax.Array, slope,
+                    key: jax.Array | None = None, *, config: RecurrentConfig,
+                    rnn_config: hmlstm.HMLSTMConfig, deterministic: bool = True,
+                    skip_copy: bool = False) -> tuple[hmlstm.State, jax.Array]:
+  """One step of :func:`recurrence_and_output`: Eq. 1-9 (or the LSTM stack) on x_t (B, input),
+  then Eq. 11-12. Returns ``(state, h_e)`` with h^e (B, ``config.head_size``).
+
+  ``skip_copy``: the HM-LSTM's layers whose rows all COPY do no work (:func:`hmlstm.step`);
+  the same numbers. The output module always runs: its gates read every layer, and layer 1
+  updates at every step.
+  """
+  if config.model == "lstm":
+    state, hs = lstm.unroll(params["lstm"], state, x_t[None], config=rnn_config)
+    hs = tuple(h[0] for h in hs)
+  else:
+    state = hmlstm.step(params["hmlstm"], state, x_t, slope, key, config=rnn_config,
+                        deterministic=deterministic, skip_copy=skip_copy)
+    hs = tuple(layer.h for layer in state)
+  if config.output_head == "top":
+    return state, hs[-1]
+  return state, heads.output_module(params["output"], hs)
+
+
+def charlm_step(params: dict, state: hmlstm.State, token: jax.Array, slope,
+                key: jax.Array | None = None, *, config: CharLMConfig,
+                deterministic: bool = True,
+                skip_copy: bool = False) -> tuple[jax.Array, hmlstm.State]:
+  """The next symbol's logits after one more token, for sampling and streaming: embedding →
+  one step of Eq. 1-9 → Eq. 11-12 → softmax. The same numbers as :func:`charlm_apply` on
+  the token sequence, one token at a time.
+
+  Args:
+    token: int symbols (B,), the current token of each row.
+    skip_copy: skip the HM-LSTM layers whose rows all COPY (:func:`hmlstm.step`): the same
+      logits, less work where the upper layers rarely update.
+    Others as in :func:`charlm_apply`; ``deterministic`` defaults to True (generation).
+
+  Returns:
+    ``(logits, state)``: logits (B, V) of the symbol after ``token``, and the new state.
+  """
+  if token.ndim != 1:
+    raise ValueError(f"token must be one symbol per row, shape (batch,), got {token.shape}")
+  state, h_e = recurrence_step(params, state, params["embed"][token], slope, key, config=config,
+                               rnn_config=config.hmlstm, deterministic=deterministic,
+                               skip_copy=skip_copy)
+  return heads.softmax_logits(params["softmax"], h_e), state
+
+
 def charlm_apply(params: dict, state: hmlstm.State, tokens: jax.Array, slope,
                  key: jax.Array | None = None, *, config: CharLMConfig,
                  deterministic: bool = False,
