@@ -1,10 +1,11 @@
-# On a fresh machine: `make demo` trains the demo HM-LSTM, `make test` runs the test suite.
+# On a fresh machine: `make demo` trains the demo HM-LSTM, `make test` runs the test suite,
+# `make device-report` measures speed on whatever device JAX finds (docs/device/).
 # Each makes .venv (Python 3.11) and installs hmlstm_jax with the extras it needs.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo benchmark install clean
+.PHONY: test demo benchmark device-report install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ demo: $(PY)
 benchmark: $(PY)
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m experiments.benchmark
+
+device-report: $(PY)
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m experiments.device_report
 
 clean:
 	rm -rf $(VENV) build *.egg-info workdirs

@@ -38,6 +38,7 @@ from hmlstm_jax.models import RecurrentConfig
 from hmlstm_jax.models import CharLMOutputs
 from hmlstm_jax.models import charlm_apply
 from hmlstm_jax.models import charlm_loss
+from hmlstm_jax.models import charlm_step
 from hmlstm_jax.models import init_charlm
 from hmlstm_jax.nn import HMLSTM
 
@@ -48,7 +49,7 @@ __all__ = [
     "HMLSTMConfig", "HandwritingConfig", "LayerState", "RecurrentConfig", "State",
     "UnrollOutputs", "boundary_noise", "f_bound", "handwriting_apply", "handwriting_loss",
     "init_handwriting", "sequence_log_likelihoods",
-    "charlm_apply", "charlm_loss", "hard_sigmoid", "init_charlm", "init_output_module",
+    "charlm_apply", "charlm_loss", "charlm_step", "hard_sigmoid", "init_charlm", "init_output_module",
     "init_params", "init_softmax", "initial_state", "layer_update", "operation_counts",
     "operations", "output_module", "pre_activation", "slope_schedule", "softmax_logits", "step",
     "straight_through_boundary", "unroll",

@@ -468,8 +468,9 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     skip_copy: run a layer above the first only when some row leaves COPY (``lax.cond`` on
       :func:`layer_needed`); otherwise its state is handed back untouched. The paper's
       saving of COPY (Fig. 4) made real where one step runs at a time (sampling, streaming
-      inference at small batch): the same state bit for bit, the work of the layers that all
-      rows COPY skipped. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in
+      inference at small batch): the same state, bit for bit when both are jitted (run
+      eagerly, the plain step goes op by op while the branch is compiled whole, and rounding
+      may differ in the last bit), the work of the layers that all rows COPY skipped. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in
       a large batch some row nearly always needs each layer: there it saves nothing.
 
   Returns:

@@ -165,6 +165,7 @@ def test_union_and_region_walls_count_overlapping_time_once():
     (("--quick", "--iters=0"), "flag --iters=0: 0 is not a positive integer"),
     (("--mode=profile", "--quick", "--profile_runs=0"), "flag --profile_runs=0"),
     (("--shapes=nope",), "unknown shapes ['nope']"),
+    (("--mode=generate", "--quick", "--gen_chars=0"), "flag --gen_chars=0"),
 ])
 def test_bad_flags_are_one_clear_error(args, message, tmp_path):
   out = tmp_path / "bench.json"
@@ -173,3 +174,46 @@ def test_bad_flags_are_one_clear_error(args, message, tmp_path):
                           timeout=120)
   assert result.returncode != 0 and message in result.stderr
   assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_generation_reaches_the_compute_shares_and_samples_the_same_with_skipping():
+  """The sampling benchmark's bookkeeping: detector biases that reach the asked compute
+  shares, identical samples with and without skipping, every model timed."""
+  from experiments import generation
+  record = generation.time_generation(benchmark.SHAPES["quick"], batches=(1,), num_chars=60,
+                                      rounds=1, compute=(1.0, 0.5, 0.1))
+  b = record["batches"]["1"]
+  assert b["same_samples"] and set(b["models"]) == {"hm-skip", "hm-dense", "lstm", "lstm-eqp"}
+  rows = b["models"]["hm-skip"]["row_share"]
+  assert rows[0] == 1.0 and abs(rows[1] - 0.5) < 0.15 and abs(rows[2] - 0.1) < 0.1
+  assert b["models"]["lstm"]["row_share"] == [1.0, 1.0, 1.0]
+  assert b["skip_speedup"] > 0 and record["lstm_eqp_width"] > 32
+  p = record["parameters"]
+  assert abs(p["lstm-eqp"] - p["hmlstm"]) < abs(p["lstm"] - p["hmlstm"])
+  assert "skip_speedup" in generation.format_generation(record)
+  from experiments import device_report
+  text = device_report.markdown({"machine": device_report.machine(), "date": "today",
+                                 "seconds": 1.0, "train": [], "generate": [record],
+                                 "left_out": []})
+  assert "| quick | 1 | hm-skip |" in text and "same samples: True" in text
+  json.dumps(record)
+  with pytest.raises(ValueError, match="one share per layer"):
+    generation.time_generation(benchmark.SHAPES["quick"], compute=(1.0, 0.5))
+
+
+def test_device_report_writes_json_and_markdown_and_keeps_to_its_budget(tmp_path):
+  """``--budget_s=1``: the first part runs (the quick training steps in float32), every later
+  part is named as left out; both files are written; cuDNN's row says why it is missing."""
+  result = subprocess.run([sys.executable, "-m", "experiments.device_report", "--quick",
+                           "--budget_s=1", "--iters=1", "--warmup=0", f"--out_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert [(r["shape"]["name"], r["dtype"]) for r in report["train"]] == [("quick", "float32")]
+  assert report["left_out"] == ["train quick bfloat16", "generate quick"]
+  assert report["train"][0]["models"] == ["hmlstm", "hmlstm_two_phase", "lstm"]
+  assert "NVIDIA GPU" in report["train"][0]["skipped"]["cudnn_lstm"]
+  assert report["machine"]["platform"] == "cpu" and report["machine"]["jax"]
+  text = (tmp_path / "report.md").read_text()
+  assert "| quick | float32 | hm-2ph |" in text and "not timed: cuDNN" in text
+  assert "Left out (over the time budget): train quick bfloat16, generate quick" in text

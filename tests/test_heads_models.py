@@ -180,3 +180,32 @@ def test_rate_penalty_settings_are_checked():
                    rate_max=(0.2, 0.2))
   with pytest.raises(ValueError, match="must not be negative"):
     H.CharLMConfig(rate_weight=-1.0)
+
+
+@jax.enable_x64(True)
+@pytest.mark.parametrize("model,output_head", [("hmlstm", "module"), ("hmlstm", "top"),
+                                                ("lstm", "module")])
+def test_charlm_step_token_by_token_equals_charlm_apply(model, output_head):
+  """Sampling's one-step path (``charlm_step``) gives the logits and state of ``charlm_apply``
+  over the whole sequence; with ``skip_copy`` the same bits as without."""
+  config = H.CharLMConfig(vocab_size=11, layer_sizes=(6, 5, 4), output_size=7, embed_size=5,
+                          model=model, output_head=output_head, layer_norm=True,
+                          boundary_bias=-0.5)
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64),
+                                  H.init_charlm(jax.random.key(0), config))
+  tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, 11)
+  state0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
+                                  H.initial_state(config.hmlstm, 3))
+  logits, outs = H.charlm_apply(params, state0, tokens, 1.0, config=config, deterministic=True)
+  state = skipping = state0
+  step = jax.jit(H.charlm_step, static_argnames=("config", "skip_copy"))  # bits: both compiled
+  for t in range(tokens.shape[1]):
+    step_logits, state = step(params, state, tokens[:, t], 1.0, config=config)
+    skip_logits, skipping = step(params, skipping, tokens[:, t], 1.0, config=config,
+                                 skip_copy=True)
+    np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-12)
+    np.testing.assert_array_equal(skip_logits, step_logits)
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(outs.final_state)):
+    np.testing.assert_allclose(a, b, atol=1e-12)
+  with pytest.raises(ValueError, match=r"one symbol per row, shape \(batch,\)"):
+    H.charlm_step(params, state, tokens, 1.0, config=config)
