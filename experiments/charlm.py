@@ -98,6 +98,11 @@ class CharLM(Experiment):
         description=(f"{self.model.model} on {c.dataset} ({corpus.vocab.size} symbols): "
                      f"{len(train)} segments of {t.batch_size} x {c.seq_len} per epoch"))
 
+  def divergence_bound(self) -> float:
+    """Twice the NLL of the uniform distribution over the vocabulary (2 ln V nats): a model
+    that far behind guessing has diverged (issue 20: lr 1e6 ended at 1.68e12 BPC, exit 0)."""
+    return 2.0 * math.log(self.model.vocab_size)
+
   def init_params(self, key):
     return models.init_charlm(key, self.model)
 

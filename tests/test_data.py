@@ -197,3 +197,35 @@ def test_ptb_study_corpus_trains_on_the_test_file_and_halves_the_valid_file(tmp_
   assert corpus.labels["test"]["word"].sum() == decoded["test"].count(b"_") + decoded["test"].count(b"\n")
   with pytest.raises(FileNotFoundError, match="ptb.char.test.txt, ptb.char.valid.txt not in"):
     corpora.load_corpus("ptb_study", data_dir=str(tmp_path / "tfds2"), manual_dir=str(tmp_path))
+
+
+def test_a_non_ascii_file_is_an_error_that_names_it(tmp_path):
+  """Issue 20, item 4: was "'ascii' codec can't decode byte 0xc3 in position 8", no file."""
+  manual = tmp_path / "study"
+  manual.mkdir()
+  (manual / "ptb.char.test.txt").write_bytes("a _ c a t\n t h é\n".encode("utf-8"))
+  (manual / "ptb.char.valid.txt").write_bytes(b"a _ d o g\n")
+  with pytest.raises(ValueError, match=r"ptb.char.test.txt is not ASCII text \(byte 0xc3 at "
+                                       r"offset 15\).*check that this is the right file"):
+    corpora.load_corpus("ptb_study", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  archive = tmp_path / "archive"
+  _ptb_archive(archive, {"train": "a _ c a t\n", "valid": "t h é\n", "test": "a _ b\n"})
+  with pytest.raises(ValueError, match=r"simple-examples.tgz: ptb.char.valid.txt is not ASCII"):
+    corpora.load_corpus("ptb", data_dir=str(tmp_path / "tfds2"), manual_dir=str(archive))
+
+
+
+def test_a_wrong_archive_is_not_cached_and_the_right_one_then_prepares(tmp_path):
+  """Issue 20, item 1: a readable archive whose training file lacks symbols of the other
+  splits was prepared and cached, and every later run on that data_dir failed, even with the
+  right archive in place."""
+  manual, data_dir = tmp_path / "manual", str(tmp_path / "tfds")
+  _ptb_archive(manual, {"train": "a _ b\n", "valid": "c _ a\n", "test": "a _ b\n"})
+  with pytest.raises(ValueError, match=r"the validation split has symbols \[b'c'\] that the "
+                                       r"train split does not have.*nothing was prepared"):
+    corpora.load_corpus("ptb", data_dir=data_dir, manual_dir=str(manual))
+  (manual / "simple-examples.tgz").unlink()
+  manual.rmdir()
+  _ptb_archive(manual, {"train": "a _ c a b\n", "valid": "c _ a\n", "test": "a _ b\n"})
+  corpus = corpora.load_corpus("ptb", data_dir=data_dir, manual_dir=str(manual))
+  assert corpus.vocab.decode(corpus.splits["validation"][:4]) == "c_a\n"

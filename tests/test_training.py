@@ -209,6 +209,11 @@ def test_binary_errors_are_one_line_with_a_non_zero_exit(tmp_path):
   afile.write_text("")
   _one_line_error(subprocess.run(_binary(str(afile)), cwd=ROOT, capture_output=True, text=True,
                                  timeout=240, env=_env()), "is a file, not a directory")
+  for empty in ("", "  "):  # issue 20, item 5: trained into workdirs/<flagfile> before
+    _one_line_error(subprocess.run(_binary(empty), cwd=tmp_path, capture_output=True, text=True,
+                                   timeout=240, env=dict(_env(), PYTHONPATH=ROOT)),
+                    "bad flags: --workdir is empty")
+  assert os.listdir(tmp_path) == ["afile"]
 
 
 @pytest.mark.filterwarnings("ignore:os.fork")  # preexec_fn: only sets a limit, then execs
@@ -228,3 +233,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
           if p.endswith(".tmp") or "orbax-checkpoint-tmp" in p]
   assert left == []
   assert checkpoints.Checkpointer(str(workdir), 3).steps() == []
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")
+def test_a_file_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
+  """Issue 20, item 4: a full disk at config.json printed only "[Errno 28] No space left on
+  device". A 256-byte file limit refuses config.json, the first file of a run."""
+  workdir = tmp_path / "small"
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+  result = subprocess.run(_binary(str(workdir)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env=_env(), preexec_fn=limit)
+  _one_line_error(result, f"cannot write {workdir}/config.json: File too large",
+                  "over the size limit")
+  assert not workdir.exists()  # the run created it and failed before any output

@@ -84,7 +84,21 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
     if empty:
       raise ValueError(f"{archive}: the {', '.join(empty)} split(s) are empty; the archive is "
                        f"not the canonical {self.ARCHIVE}: delete it and download it again")
+    self._check_symbols(data, archive)
     return {split: self._generate_examples(data[split]) for split in SPLITS}
+
+  def _check_symbols(self, data: dict[str, bytes], source: str) -> None:
+    """Every split's symbols are in the vocabulary splits': checked before TFDS writes
+    anything, so that a wrong archive is never prepared and cached in ``--data_dir``."""
+    present = {s: np.bincount(np.frombuffer(data[s], np.uint8), minlength=256) > 0 for s in SPLITS}
+    vocab = np.any([present[s] for s in self.VOCABULARY_SPLITS], axis=0)
+    for split in SPLITS:
+      foreign = np.flatnonzero(present[split] & ~vocab)
+      if foreign.size:
+        raise ValueError(
+            f"{source}: the {split} split has symbols {[bytes([b]) for b in foreign[:10]]} that "
+            f"the {'/'.join(self.VOCABULARY_SPLITS)} split does not have, so it is not the "
+            f"canonical data: replace it and run again (nothing was prepared)")
 
   def _generate_examples(self, data: bytes):
     for i, start in enumerate(range(0, len(data), CHUNK_BYTES)):
@@ -160,11 +174,23 @@ class Enwik8(ZipCorpus):
   MEMBER = "enwik8"
 
 
-def read_ptb_char(text: bytes | str) -> bytes:
-  """Mikolov's ptb.char format → a byte stream: each line's characters, then ``\\n``."""
+def read_ptb_char(text: bytes | str, source: str = "the text") -> bytes:
+  """Mikolov's ptb.char format → a byte stream: each line's characters, then ``\\n``.
+  ``source`` names the file in the error a non-ASCII byte raises."""
   if isinstance(text, bytes):
-    text = text.decode("ascii")
+    text = ascii_text(text, source)
   return "".join("".join(line.split()) + "\n" for line in text.splitlines() if line.strip()).encode("ascii")
+
+
+def ascii_text(raw: bytes, source: str) -> str:
+  """``raw`` decoded as ASCII (Mikolov's PTB files are), or a ValueError naming ``source``,
+  the first offending byte and its offset."""
+  try:
+    return raw.decode("ascii")
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{source} is not ASCII text (byte {raw[err.start]:#04x} at offset "
+                     f"{err.start}): Mikolov's ptb.char files are; check that this is the "
+                     "right file") from None
 
 
 class PtbChar(CorpusBuilder):
@@ -182,7 +208,7 @@ class PtbChar(CorpusBuilder):
       for split, name in self.FILES.items():
         if name not in members:
           raise ValueError(f"{archive} has no data/{name}")
-        out[split] = read_ptb_char(tar.extractfile(members[name]).read())
+        out[split] = read_ptb_char(tar.extractfile(members[name]).read(), f"{archive}: {name}")
     return out
 
 
@@ -211,12 +237,13 @@ class PtbCharStudy(CorpusBuilder):
     for name in self.FILES:
       path = os.path.join(manual, name)
       logging.info("%s: using %s (sha256 %s)", self.name, path, sha256_of(path))
-      with open(path, encoding="ascii") as f:
-        texts[name] = [line for line in f.read().splitlines() if line.strip()]
+      with open(path, "rb") as f:
+        texts[name] = [line for line in ascii_text(f.read(), path).splitlines() if line.strip()]
     valid = texts["ptb.char.valid.txt"]
     halves = {"validation": valid[:len(valid) // 2], "test": valid[len(valid) // 2:]}
     data = {"train": read_ptb_char("\n".join(texts["ptb.char.test.txt"])),
             **{split: read_ptb_char("\n".join(lines)) for split, lines in halves.items()}}
+    self._check_symbols(data, manual)
     return {split: self._generate_examples(data[split]) for split in SPLITS}
 
 
@@ -247,10 +274,13 @@ def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None =
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   raw = {split: read_split_bytes(builder, split) for split in SPLITS}
   vocab = Vocabulary.from_bytes(np.concatenate([raw[s] for s in builder.VOCABULARY_SPLITS]))
-  return Corpus(
-      name=name, vocab=vocab,
-      splits={s: vocab.encode(b, f"the {s} split of {name}") for s, b in raw.items()},
-      labels={s: separator_labels(b, WORD_SEPARATORS[name]) for s, b in raw.items()})
+  try:
+    splits = {s: vocab.encode(b, f"the {s} split of {name}") for s, b in raw.items()}
+  except ValueError as err:  # prepared by an older version from a wrong archive
+    raise ValueError(f"{err}; the prepared copy in {builder.data_dir} came from a wrong "
+                     "archive: delete that directory and run again to prepare it anew") from None
+  return Corpus(name=name, vocab=vocab, splits=splits,
+                labels={s: separator_labels(b, WORD_SEPARATORS[name]) for s, b in raw.items()})
 
 
 def sha256_of(path: str) -> str:

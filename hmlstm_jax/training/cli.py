@@ -78,7 +78,10 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
       distributed.initialize(launch, f.heartbeat_timeout)
     except ValueError as err:
       _exit(1, f"{name}: bad flags: {err}")
-    workdir = flags.FLAGS.workdir or default_workdir(config, stem)
+    if f.workdir is not None and not f.workdir.strip():
+      _exit(1, f"{name}: bad flags: --workdir is empty; name a directory, or leave the flag "
+            "out for the default workdirs/<flagfile name>")
+    workdir = f.workdir or default_workdir(config, stem)
     try:
       result = train_and_evaluate(make_experiment(config), workdir)
     except (RunError, ValueError, OSError, jax.errors.JaxRuntimeError) as err:

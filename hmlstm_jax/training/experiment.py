@@ -135,6 +135,12 @@ class Experiment:
     """A split's result from its sums (NumPy); must hold the key ``objective``."""
     raise NotImplementedError
 
+  def divergence_bound(self) -> float | None:
+    """A validation :attr:`objective` above which the run has diverged though every number is
+    finite (e.g. a character LM worse than twice the uniform distribution's loss); ``None``:
+    no such bound (the default). Called after :meth:`load_data`."""
+    return None
+
   def summary_lines(self, name: str, result: dict) -> list[str]:
     """Lines describing a split's result, e.g. ``['validation: loss 0.1234']``."""
     return [f"{name}: {self.objective} {result[self.objective]:.4f}"]

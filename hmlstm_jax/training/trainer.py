@@ -245,6 +245,12 @@ class Run:
     if not math.isfinite(objective):
       raise NonFiniteError(f"non-finite validation {self.experiment.objective} ({objective}) at "
                            f"step {self.step}; {self._last_good()}. Lower --learning_rate.")
+    bound = self.experiment.divergence_bound()
+    if bound is not None and objective > bound:
+      raise NonFiniteError(
+          f"diverged: validation {self.experiment.objective} {objective:.4g} at step "
+          f"{self.step} is above {bound:.4g}, worse than the experiment allows for a model "
+          f"that learns at all; {self._last_good()}. Lower --learning_rate.")
     _, self.host_plateau = self.plateau.update({}, self.host_plateau, value=objective)
     self.state = self.state.replace(plateau=self.mapped.replicate(self.host_plateau))
     improved = self.meta["best"] is None or objective < self.meta["best"]
