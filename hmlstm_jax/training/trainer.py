@@ -247,10 +247,14 @@ class Run:
                            f"step {self.step}; {self._last_good()}. Lower --learning_rate.")
     bound = self.experiment.divergence_bound()
     if bound is not None and objective > bound:
+      kept = (f"the best checkpoint, step {self.meta['best_step']} (validation "
+              f"{self.experiment.objective} {self.meta['best']:.4g}), is kept in "
+              f"{self.ckpt.directory}" if self.meta["best"] is not None else
+              f"no validation passed before it: delete {self.workdir.path} and start again")
       raise NonFiniteError(
           f"diverged: validation {self.experiment.objective} {objective:.4g} at step "
           f"{self.step} is above {bound:.4g}, worse than the experiment allows for a model "
-          f"that learns at all; {self._last_good()}. Lower --learning_rate.")
+          f"that learns at all; {kept}. Lower --learning_rate.")
     _, self.host_plateau = self.plateau.update({}, self.host_plateau, value=objective)
     self.state = self.state.replace(plateau=self.mapped.replicate(self.host_plateau))
     improved = self.meta["best"] is None or objective < self.meta["best"]

@@ -115,8 +115,15 @@ class Workdir:
     if self._lock is not None:
       self._lock.close()
       self._lock = None
-    if failed and self._created and self.primary and set(os.listdir(self.path)) <= {LOCK}:
+    if failed and self._created and self.primary and not _holds_files(self.path):
       shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _holds_files(path: str) -> bool:
+  """Whether ``path`` holds a file besides its lock (empty directories, such as the
+  checkpoint manager's, are not output)."""
+  return any(files_ for root, _, files_ in os.walk(path)
+             if set(files_) - ({LOCK} if root == path else set()))
 
 
 @contextlib.contextmanager
