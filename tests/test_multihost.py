@@ -159,6 +159,30 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, vic
                                    "another task died", "leader task was preempted/died")), output[-2000:]
 
 
+@pytest.mark.parametrize("started", [0, 1])
+def test_a_process_that_never_registers_ends_the_other_with_one_line(tmp_path, started):
+  """Issue 20, item 2: a peer that dies before it registers (here: never started) left the
+  other waiting 305 s, then aborting with a C++ check failure. Now: one line after
+  --init_timeout (5 s here), exit 1, for the coordinator (process 0) and for process 1."""
+  port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
+                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                        capture_output=True, text=True).stdout.strip()
+  env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+             JAX_PROCESS_ID=str(started))
+  t0 = time.time()
+  result = subprocess.run([sys.executable, "-m", "experiments.charlm", *TINY, "--init_timeout=5",
+                           f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  elapsed = time.time() - t0
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      f"charlm: the run's processes did not all start within --init_timeout=5 s (process "
+      f"{started} of 2, coordinator 127.0.0.1:{port}): a process died or was never launched; "
+      "start every process again"], result.stderr[-2000:]
+  assert elapsed < 5 + 25, elapsed
+  assert not (tmp_path / "run").exists()
+
+
 def test_local_sh_fails_when_a_process_fails(tmp_path):
   cmd, env = _local(2, 1, tmp_path / "bad", "--learning_rate=-1")
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

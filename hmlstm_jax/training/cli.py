@@ -75,7 +75,7 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
       config = settings.from_flags(config_cls)
       launch = distributed.settings_from(f.distributed, f.coordinator_address, f.num_processes,
                                          f.process_id)
-      distributed.initialize(launch, f.heartbeat_timeout)
+      distributed.initialize(launch, f.heartbeat_timeout, f.init_timeout, name)
     except ValueError as err:
       _exit(1, f"{name}: bad flags: {err}")
     if f.workdir is not None and not f.workdir.strip():

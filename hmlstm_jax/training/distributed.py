@@ -12,11 +12,14 @@ A process that dies stops the others: JAX's coordination service notices the mis
 heartbeats within ``--heartbeat_timeout`` seconds (60 by default) and ends every other process
 with a message ("the JAX distributed service detected fatal errors ... another task died")
 and a non-zero status (SIGABRT, 134). When process 0 (the coordinator) dies, the others stop
-within seconds.
+within seconds. A process that dies before it registers (or is never started) leaves the
+others waiting at the start: they end with one line after ``--init_timeout`` seconds (60).
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 from absl import flags
 import jax
@@ -43,6 +46,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=flag_values)
   flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 "
                        "(default $JAX_PROCESS_ID).", flag_values=flag_values)
+  flags.DEFINE_integer(
+      "init_timeout", 60,
+      "Seconds to wait for every process to start and register with the coordinator; past "
+      "them each waiting process ends with one line (exit 1).", flag_values=flag_values)
   flags.DEFINE_integer(
       "heartbeat_timeout", 60,
       "Seconds without a heartbeat after which a process counts as dead and the others stop.",
@@ -82,14 +89,42 @@ def settings_from(mode: str, coordinator_address: str | None, num_processes: int
   return {"coordinator_address": address, "num_processes": count, "process_id": index}
 
 
-def initialize(settings: dict | None, heartbeat_timeout: int = 60) -> None:
-  """Starts JAX's distributed runtime (before anything else uses JAX); a no-op for None."""
+def initialize(settings: dict | None, heartbeat_timeout: int = 60, init_timeout: int = 60,
+               name: str = "hmlstm_jax") -> None:
+  """Starts JAX's distributed runtime (before anything else uses JAX); a no-op for None.
+
+  If the processes have not all registered with the coordinator within ``init_timeout``
+  seconds (a process died before it registered, or was never started), this process ends
+  with one line on stderr and exit status 1. (JAX's own bound aborts the process with a C++
+  check failure after 300 s; a watchdog thread fires first, while JAX waits with the GIL
+  released.)
+  """
   if settings is None:
     return
-  if heartbeat_timeout < 1:
-    raise ValueError(f"heartbeat_timeout must be at least 1 second, got {heartbeat_timeout}")
-  jax.distributed.initialize(**{k: v for k, v in settings.items() if v is not None},
-                             heartbeat_timeout_seconds=heartbeat_timeout)
+  for flag, value in (("heartbeat_timeout", heartbeat_timeout), ("init_timeout", init_timeout)):
+    if value < 1:
+      raise ValueError(f"{flag} must be at least 1 second, got {value}")
+  watchdog = threading.Timer(init_timeout, _give_up, (name, settings, init_timeout))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**{k: v for k, v in settings.items() if v is not None},
+                               heartbeat_timeout_seconds=heartbeat_timeout,
+                               initialization_timeout=init_timeout + 30)
+  finally:
+    watchdog.cancel()
+
+
+def _give_up(name: str, settings: dict, init_timeout: int) -> None:
+  """The watchdog of :func:`initialize`: one line, exit 1 (no Python cleanup: JAX is waiting)."""
+  where = settings.get("coordinator_address") or "the coordinator"
+  sys.stderr.write(
+      f"{name}: the run's processes did not all start within --init_timeout={init_timeout} s "
+      f"(process {settings.get('process_id', '?')} of {settings.get('num_processes', '?')}, "
+      f"coordinator {where}): a process died or was never launched; start every process "
+      "again\n")
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def is_primary() -> bool:
