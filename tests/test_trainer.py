@@ -177,6 +177,18 @@ def test_a_second_run_on_a_held_workdir_is_refused(tmp_path):
   assert training.train_and_evaluate(regression(), path, max_steps=2)["step"] == 2
 
 
+def test_deleting_the_lock_file_does_not_free_a_held_workdir(tmp_path):
+  """Issue 20, item 7: with .lock deleted a second run started and removed the first one's
+  temporary checkpoint. The workdir itself is locked too."""
+  path = str(tmp_path / "w")
+  with workdir_lib.open_workdir(path, regression().config):
+    os.remove(os.path.join(path, workdir_lib.LOCK))
+    with pytest.raises(training.RunError, match="is in use by a running job \\(another process; "
+                                                "its .lock file was deleted\\)"):
+      training.train_and_evaluate(regression(), path)
+  assert training.train_and_evaluate(regression(), path, max_steps=2)["step"] == 2
+
+
 def test_a_killed_holder_does_not_leave_the_lock_stuck(tmp_path):
   path = str(tmp_path / "w")
   holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

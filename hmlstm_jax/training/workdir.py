@@ -3,7 +3,8 @@
 :func:`open_workdir` runs before any data is loaded or anything is written:
 
 * the path must be a directory that can be written (or be creatable);
-* a lock (``<workdir>/.lock``, ``fcntl.flock``) refuses a second run on the same workdir. The
+* a lock (``fcntl.flock`` on the workdir itself and on ``<workdir>/.lock``, which names the
+  holder) refuses a second run on the same workdir, also after ``.lock`` was deleted. The
   kernel releases it when the holding process dies, however it dies, so a killed run never
   leaves it stuck. Cloud workdirs (``gs://``) are not locked: one job per workdir there;
 * the requested configuration is compared with the saved ``config.json``; settings that
@@ -42,6 +43,7 @@ class Workdir:
     self.path = str(path)
     self.config = config
     self._lock = None
+    self._dir_lock = None
     self._created = False
     self.primary = distributed.is_primary()
 
@@ -83,14 +85,16 @@ class Workdir:
     if not os.access(self.path, os.W_OK | os.X_OK):
       raise RunError(f"cannot use --workdir {self.path}: not writable; choose a writable directory")
     try:
+      # The directory too: deleting the .lock file does not free a live run's workdir.
+      self._dir_lock = os.open(self.path, os.O_RDONLY)
+      fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
       fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
       if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise
       self._lock.seek(0)
-      holder = self._lock.read().strip() or "another process"
-      self._lock.close()
-      self._lock = None
+      holder = self._lock.read().strip() or "another process; its .lock file was deleted"
+      self._release()
       raise RunError(f"--workdir {self.path} is in use by a running job ({holder}); wait for it "
                      "to finish, stop it, or choose another --workdir") from None
     self._lock.seek(0)
@@ -109,12 +113,18 @@ class Workdir:
           f"--workdir {self.path} holds a run with other settings ({'; '.join(diffs)}); resume "
           "it with its own settings (" + self.file(CONFIG) + ") or choose another --workdir")
 
-  def close(self, failed: bool = False) -> None:
-    """Releases the lock; after a failure, removes the workdir if this run created it and
-    wrote nothing in it."""
+  def _release(self) -> None:
     if self._lock is not None:
       self._lock.close()
       self._lock = None
+    if self._dir_lock is not None:
+      os.close(self._dir_lock)
+      self._dir_lock = None
+
+  def close(self, failed: bool = False) -> None:
+    """Releases the locks; after a failure, removes the workdir if this run created it and
+    wrote nothing in it."""
+    self._release()
     if failed and self._created and self.primary and not _holds_files(self.path):
       shutil.rmtree(self.path, ignore_errors=True)
 
