@@ -79,6 +79,20 @@ def _quiet_threads() -> Iterator[list]:
       h.removeFilter(collect)
 
 
+def _replay(records: list) -> None:
+  """Logs, as usual, what Orbax's threads logged during a save or restore that succeeded."""
+  for record in records:
+    if isinstance(record, logging.LogRecord):
+      logging.getLogger(record.name).handle(record)
+
+
+def _reason(err: BaseException, limit: int = 300) -> str:
+  """Why a checkpoint cannot be read, in one short line: TensorStore's spec (kilobytes of
+  JSON) and anything past ``limit`` characters left out."""
+  text = first_line(err).split(" [tensorstore_spec")[0]
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
 class Checkpointer:
   """``<workdir>/checkpoints``: the latest ``keep`` checkpoints and the best one."""
 
@@ -109,9 +123,7 @@ class Checkpointer:
       raise RunError(f"could not write checkpoint {step} in {self.directory} ({first_line(err)}); "
                      "the previous checkpoints are intact: free space or fix the directory, and "
                      "run again") from None
-    for record in records:
-      if isinstance(record, logging.LogRecord):
-        logging.getLogger(record.name).handle(record)
+    _replay(records)
     steps = self.steps()
     keep = set(steps[-self.keep:]) | {meta.get("best_step")}
     for s in steps:
@@ -143,8 +155,10 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        state, meta = self.restore(step, template)
+        with _quiet_threads() as records:  # a failed read's threads print tracebacks late
+          state, meta = self.restore(step, template)
         error = None
+        _replay(records)
       except Exception as err:  # truncated or garbled files: Orbax raises many types
         error = err
       if distributed.any_process(error is not None):  # unreadable for one is unreadable for all
@@ -152,13 +166,13 @@ class Checkpointer:
         continue
       for bad, err in failures:
         moved = self._move_aside(bad)
-        warn(f"warning: checkpoint {bad} in {self.directory} cannot be read ({first_line(err)}); "
+        warn(f"warning: checkpoint {bad} in {self.directory} cannot be read ({_reason(err)}); "
              f"moved to {moved}, resuming from step {step}")
       return state, meta
     if failures:
       step, err = failures[0]
       raise RunError(f"no checkpoint in {self.directory} can be read (step {step}: "
-                     f"{first_line(err)}); move the directory aside to start afresh")
+                     f"{_reason(err)}); move the directory aside to start afresh")
     return None
 
   def _move_aside(self, step: int) -> str:
