@@ -130,7 +130,7 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
       _add_seconds(workdir, time.time() - start)
     with open(workdir + ".log") as log:
       last = (log.read().strip().splitlines() or [""])[-1]
-    if status != 0 and "non-finite" in last:
+    if status != 0 and ("non-finite" in last or ": diverged:" in last):
       with open(diverged, "w") as f:
         f.write(last + "\n")
       return {"diverged": last}
@@ -288,10 +288,11 @@ def main(argv):
   text = table(rows)
   print(text)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "study.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump({"rows": {n: s for n, _, s in rows}, "runs": every_run}, f, indent=1)
+  from hmlstm_jax import files  # pylint: disable=import-outside-toplevel
+  files.write_atomically(os.path.join(workdir, "study.md"), text + "\n")
+  files.write_atomically(os.path.join(workdir, "study.json"),
+                         json.dumps({"rows": {n: s for n, _, s in rows}, "runs": every_run},
+                                    indent=1))
   tradeoff_figure(os.path.join(workdir, "tradeoff.png"), rows)
   os.makedirs(os.path.join(workdir, "curves"), exist_ok=True)
   for name, runs in every_run.items():
