@@ -261,16 +261,21 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
   """The body of the forward loop for :func:`schedule.skewed_scan`: the given layers take
   one step each, in order, every one reading the state as the layers before it left it.
 
-  Per layer, the inputs are (layer 1's W x_t or ``None``, its boundary noise or ``None``) and
-  the outputs (h, z) and, with ``keep_residuals``, what the custom backward of
-  :func:`_recurrence` keeps besides: c and the matmul outputs. (The state before each step
-  and the matmul inputs follow from h, z and c after the loop: fewer buffers written in it.)
+  Per layer, the inputs are (layer 1's W x_t or ``None``, its boundary noise or ``None``,
+  ``valid`` and ``reset`` (B, 1) or ``None``: :func:`_per_layer_inputs`) and the outputs
+  (h, z) and, with ``keep_residuals``, what the custom backward of :func:`_recurrence` keeps
+  besides: c and the matmul outputs. (The state before each step and the matmul inputs
+  follow from h, z and c after the loop: fewer buffers written in it.) A row with ``reset``
+  starts the step from the zero state; a row not ``valid`` keeps its state (its outputs are
+  the kept state).
 
   With ``skip_copy`` (:func:`step` only) a layer above the first whose rows all COPY does no
   work: :func:`layer_needed` decides, ``lax.cond`` runs the layer or hands its state back.
   """
-  def layer_step(state, layer, bottom_up, noise):
-    own = state[layer]
+  def layer_step(state, layer, bottom_up, noise, reset):
+    # A reset zeroes the layer's own state; the h above it need not be: its term is gated by
+    # z^ℓ_{t-1} (Eq. 6), which the reset zeroes.
+    own = _zero_where(reset, state[layer])
     h_above, h_below, z_below = _layer_context(state, state, layer)
     ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
     projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
@@ -285,36 +290,54 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
   def body(state, xs_t, layers, active):
     state, ys = list(state), [None] * len(state)
     for layer in layers:
-      bottom_up, noise = xs_t[layer]
+      bottom_up, noise, valid, reset = xs_t[layer]
       own = state[layer]
       if skip_copy and layer > 0:
-        new = jax.lax.cond(layer_needed(own.z, state[layer - 1].z),
-                           lambda s: layer_step(s, layer, bottom_up, noise)[0],
-                           lambda s: s[layer], tuple(state))
+        needed = layer_needed(_zero_where(reset, own.z), state[layer - 1].z, valid)
+        new = jax.lax.cond(needed,
+                           lambda s: layer_step(s, layer, bottom_up, noise, reset)[0],
+                           lambda s: _zero_where(reset, s[layer]), tuple(state))
         projs = None
       else:
-        new, projs = layer_step(state, layer, bottom_up, noise)
+        new, projs = layer_step(state, layer, bottom_up, noise, reset)
+      if valid is not None:
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(valid > 0, n, o), new, own)
       state[layer] = schedule_lib.keep(active[layer], new, own)
       ys[layer] = (new.h, new.z) + ((new.c, projs) if keep_residuals else ())
     return tuple(state), tuple(ys)
   return body
 
 
-def layer_needed(z_prev: jax.Array, z_below: jax.Array) -> jax.Array:
+def _zero_where(reset, tree):
+  """``tree`` with the rows where ``reset`` (B, 1) is set replaced by zeros (the initial
+  state); ``tree`` itself when ``reset`` or ``tree`` is ``None``."""
+  if reset is None or tree is None:
+    return tree
+  return jax.tree_util.tree_map(lambda a: jnp.where(reset > 0, jnp.zeros_like(a), a), tree)
+
+
+def layer_needed(z_prev: jax.Array, z_below: jax.Array, valid: jax.Array | None = None
+                 ) -> jax.Array:
   """Whether any row of a layer leaves COPY at this step (decisions.md §1 table): a scalar
-  bool, false exactly when z^ℓ_{t-1} = 0 and z^(ℓ-1)_t = 0 in every row. On such a step Eq.
-  2-4 give c^ℓ_t = c^ℓ_{t-1}, h^ℓ_t = h^ℓ_{t-1} and z^ℓ_t = z^ℓ_{t-1} = 0 whatever the layer
-  would compute, so skipping its matmul and its element-wise work changes nothing (the
-  ``'soft'`` variant's z is rarely exactly 0: it seldom skips)."""
-  return jnp.any(z_prev != 0) | jnp.any(z_below != 0)
+  bool, false exactly when z^ℓ_{t-1} = 0 and z^(ℓ-1)_t = 0 in every row (every ``valid`` row:
+  the others keep their state anyway). On such a step Eq. 2-4 give c^ℓ_t = c^ℓ_{t-1},
+  h^ℓ_t = h^ℓ_{t-1} and z^ℓ_t = z^ℓ_{t-1} = 0 whatever the layer would compute, so skipping
+  its matmul and its element-wise work changes nothing (the ``'soft'`` variant's z is rarely
+  exactly 0: it seldom skips)."""
+  leaves = (z_prev != 0) | (z_below != 0)
+  if valid is not None:
+    leaves = leaves & (valid > 0)
+  return jnp.any(leaves)
 
 
-def _per_layer_inputs(config: HMLSTMConfig, bottom_up_1, noise) -> tuple:
-  """The forward loop's inputs per layer: (W x_t for layer 1, the layer's noise or ``None``);
-  ``noise`` is (..., L-1, B, 1), with or without a leading time axis."""
+def _per_layer_inputs(config: HMLSTMConfig, bottom_up_1, noise, valid=None, reset=None) -> tuple:
+  """The forward loop's inputs per layer: (W x_t for layer 1, the layer's noise or ``None``,
+  ``valid``, ``reset``); ``noise`` is (..., L-1, B, 1), ``valid`` and ``reset`` (..., B, 1)
+  or ``None``, with or without a leading time axis."""
   L = config.num_layers
   return tuple((bottom_up_1 if layer == 0 else None,
-                None if noise is None or layer == L - 1 else noise[..., layer, :, :])
+                None if noise is None or layer == L - 1 else noise[..., layer, :, :],
+                valid, reset)
                for layer in range(L))
 
 
@@ -323,7 +346,7 @@ def _cast(tree, dtype: str | None):
 
 
 def _scan(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise,
-          keep_residuals: bool):
+          keep_residuals: bool, valid=None, reset=None):
   """The forward recurrence in ``config.schedule``'s order (the plain, autodiff-able one).
 
   Returns the final state and, per layer, the outputs of :func:`_forward_body` stacked over
@@ -332,28 +355,32 @@ def _scan(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope
   kernels = _cast(kernels, config.matmul_dtype)  # once, outside the loop
   lags, order = schedule_lib.plan(config.schedule, config.num_layers)
   body = _forward_body(small, kernels, slope, config, keep_residuals)
-  return schedule_lib.skewed_scan(body, state, _per_layer_inputs(config, bottom_up_1, noise),
+  return schedule_lib.skewed_scan(body, state,
+                                  _per_layer_inputs(config, bottom_up_1, noise, valid, reset),
                                   bottom_up_1.shape[0], lags, order)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise):
+def _recurrence(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope, noise,
+                valid, reset):
   """The scan over time with a backward pass that defers every weight gradient.
 
   Forward: as :func:`_scan`. Backward: the reverse loop (in the schedule's mirrored order)
   computes only what the recurrence needs step by step (the cotangents of the state and of
   each matmul output, and the matmul-input cotangent dX = dY Kᵀ); every kernel gradient is
   then one large matmul over all T·B rows, dK = Xᵀ dY, instead of T small accumulations
-  inside the loop.
+  inside the loop. ``valid`` and ``reset`` (T, B, 1) or ``None`` (:func:`unroll`): a row's
+  cotangent passes a step it does not take unchanged, and stops at a reset.
   """
-  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
+  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False, valid,
+                    reset)
   return final, tuple(y[0] for y in ys), tuple(y[1] for y in ys)
 
 
-def _recurrence_fwd(config, small, kernels, state, bottom_up_1, slope, noise):
-  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, True)
+def _recurrence_fwd(config, small, kernels, state, bottom_up_1, slope, noise, valid, reset):
+  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, True, valid, reset)
   hs, zs, cs, projs = (tuple(y[i] for y in ys) for i in range(4))
-  residuals = (small, kernels, state, hs, zs, cs, projs, bottom_up_1, slope, noise)
+  residuals = (small, kernels, state, hs, zs, cs, projs, bottom_up_1, slope, noise, valid, reset)
   return (final, hs, zs), residuals
 
 
@@ -379,15 +406,17 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
     acc, below = list(carry[0]), list(carry[1])
     ys = [None] * L
     for layer in layers:
-      own, h_above, h_below, z_below, projs, bu, noise, dh_t, dz_t = xs_t[layer]
-      d_h, d_z = acc[layer].h + dh_t, acc[layer].z + dz_t
+      own, h_above, h_below, z_below, projs, bu, noise, valid, reset, dh_t, dz_t = xs_t[layer]
+      d_h, d_z, d_c = acc[layer].h + dh_t, acc[layer].z + dz_t, acc[layer].c
       if layer < L - 1:
         d_h, d_z = d_h + below[layer][0], d_z + below[layer][1] + below[layer][2]
+      if valid is not None:  # a step the row does not take passes its cotangent through
+        through = LayerState(*(jnp.where(valid > 0, 0.0, d) for d in (d_h, d_c, d_z)))
+        d_h, d_c, d_z = (jnp.where(valid > 0, d, 0.0) for d in (d_h, d_c, d_z))
       core = lambda sm, pr, b, c, h, z, zb: _layer_core(sm, pr, b, c, h, z, zb, slope, noise,
                                                          config)
       _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
-      d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp(
-          (acc[layer].c, d_h, d_z))
+      d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp((d_c, d_h, d_z))
       column = _local_detector_column(config, layer)
       if column is not None:  # the ž column trains its kernel column only, not the inputs
         d_projs_in = tuple(dp.at[:, column].set(0.0) for dp in d_projs)
@@ -398,8 +427,10 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
                               own.h, own.z, h_above, z_below, h_below)
       dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
       keep = functools.partial(schedule_lib.keep, active[layer])
-      acc[layer] = keep(LayerState(h=dh_prev + dh_prev2, c=dc_prev, z=dz_prev + dz_prev2),
-                        acc[layer])
+      d_own = _zero_where(reset, LayerState(h=dh_prev + dh_prev2, c=dc_prev, z=dz_prev + dz_prev2))
+      if valid is not None:
+        d_own = jax.tree_util.tree_map(jnp.add, d_own, through)
+      acc[layer] = keep(d_own, acc[layer])
       if layer < L - 1:
         acc[layer + 1] = acc[layer + 1]._replace(h=keep(acc[layer + 1].h + dh_above,
                                                         acc[layer + 1].h))
@@ -411,17 +442,17 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
 
 
 def _recurrence_bwd(config, residuals, cotangents):
-  small, kernels, state, hs, zs, cs, projs, bottom_up_1, slope, noise = residuals
+  small, kernels, state, hs, zs, cs, projs, bottom_up_1, slope, noise, valid, reset = residuals
   d_final, d_hs, d_zs = cotangents
   L, T = config.num_layers, bottom_up_1.shape[0]
   dtype = config.matmul_dtype
-  prev = _states_before(state, hs, zs, cs)
+  prev = _zero_where(reset, _states_before(state, hs, zs, cs))  # what each step started from
   outs = tuple(LayerState(h=h, c=c, z=z) for h, c, z in zip(hs, cs, zs))
   context = [_layer_context(prev, outs, l) for l in range(L)]  # (h_above, h_below, z_below)
   ins = tuple(cell.matmul_inputs(config.separate_terms, prev[l].h, prev[l].z, h_above, z_below,
                                  h_below)
               for l, (h_above, h_below, z_below) in enumerate(context))
-  inputs = _per_layer_inputs(config, bottom_up_1, noise)
+  inputs = _per_layer_inputs(config, bottom_up_1, noise, valid, reset)
   xs = tuple((prev[l], *context[l], projs[l], *inputs[l], d_hs[l], d_zs[l]) for l in range(L))
   below = tuple((jnp.zeros_like(d_final[l].h), jnp.zeros_like(d_final[l].z),
                  jnp.zeros_like(d_final[l].z)) for l in range(L - 1))
@@ -436,8 +467,9 @@ def _recurrence_bwd(config, residuals, cotangents):
             for x, dy in zip(ins_l, d_projs_l))
       for ins_l, d_projs_l in zip(ins, d_projs))
   d_small = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), d_small)
-  d_noise = None if noise is None else jnp.zeros_like(noise)
-  return d_small, d_kernels, d_state0, d_bu[0], jnp.zeros_like(slope), d_noise
+  zeros = lambda x: None if x is None else jnp.zeros_like(x)
+  return (d_small, d_kernels, d_state0, d_bu[0], jnp.zeros_like(slope), zeros(noise),
+          zeros(valid), zeros(reset))
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -454,7 +486,8 @@ def _samples(key, config: HMLSTMConfig, deterministic: bool) -> bool:
 
 
 def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = None, *,
-         config: HMLSTMConfig, deterministic: bool = False, skip_copy: bool = False) -> State:
+         config: HMLSTMConfig, deterministic: bool = False, skip_copy: bool = False,
+         valid: jax.Array | None = None, reset: jax.Array | None = None) -> State:
   """One time step of every layer, Eq. 2-9 applied bottom to top.
 
   Args:
@@ -470,7 +503,11 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
       saving of COPY (Fig. 4) made real where one step runs at a time (sampling, streaming
       inference at small batch): the same state, bit for bit when both are jitted (run
       eagerly, the plain step goes op by op while the branch is compiled whole, and rounding
-      may differ in the last bit), the work of the layers that all rows COPY skipped. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in
+      may differ in the last bit), the work of the layers that all rows COPY skipped.
+    valid: (B,) bool, or ``None`` (every row): rows where it is false keep their state (a
+      padded step of a shorter sequence).
+    reset: (B,) bool, or ``None``: rows where it is true start this step from the initial
+      state (zeros), as at the start of a new document in a stream that carries state. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in
       a large batch some row nearly always needs each layer: there it saves nothing.
 
   Returns:
@@ -482,7 +519,10 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
   body = _forward_body(_small_params(params), _kernels(params), slope, config, False, skip_copy)
-  xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise)
+  valid, reset = (_row_flags(name, flag, (x_t.shape[0],), x_t.dtype)
+                  for name, flag in (("valid", valid), ("reset", reset)))
+  xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise,
+                           valid, reset)
   # One time step is bottom to top whatever config.schedule says: a schedule reorders the
   # layer-steps of a whole sequence (two-phase skews layers across time steps), which a single
   # step cannot do; unroll gives the same numbers under either schedule.
@@ -492,8 +532,9 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
 
 
 def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = None, *,
-           config: HMLSTMConfig, deterministic: bool = False,
-           fast_backward: bool = True) -> tuple[State, UnrollOutputs]:
+           config: HMLSTMConfig, deterministic: bool = False, fast_backward: bool = True,
+           seq_lengths: jax.Array | None = None,
+           reset: jax.Array | None = None) -> tuple[State, UnrollOutputs]:
   """Runs :func:`step` over a time-major sequence with ``lax.scan``.
 
   The first layer's bottom-up projection W_01 x_t (Eq. 7) is computed for all T steps as one
@@ -514,6 +555,13 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     deterministic: evaluation mode (``'sample'`` uses the step function).
     fast_backward: use the custom backward (default); ``False`` differentiates the plain
       ``lax.scan`` with JAX's autodiff (the reference the tests compare against).
+    seq_lengths: (B,) ints, or ``None`` (every row T steps): row b takes its first
+      ``seq_lengths[b]`` steps only; its final state is its state after its last real step
+      (as if run alone), its outputs past the end are 0 (pass the mask ``t < seq_lengths[b]``
+      to :func:`operation_counts`), and no gradient flows from or into the padding.
+    reset: (T, B) bools, or ``None``: where true, the row starts that step from the initial
+      state (zeros), e.g. at the first character of a new document in a stream whose state
+      is carried from segment to segment; the gradient does not cross it.
 
   Returns:
     ``(final_state, UnrollOutputs(h, z))``: the state after the last step, to carry into the
@@ -524,6 +572,14 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
   if xs.ndim != 3 or xs.shape[-1] != config.input_size:
     raise ValueError(f"xs must be time-major (T, B, {config.input_size}), got shape {xs.shape}")
   T, B = xs.shape[:2]
+  valid = None
+  if seq_lengths is not None:
+    lengths = jnp.asarray(seq_lengths)
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+      raise ValueError(f"seq_lengths must be ({B},) integers (one length per row of xs), got "
+                       f"{lengths.dtype} {lengths.shape}")
+    valid = (jnp.arange(T)[:, None] < lengths[None, :]).astype(xs.dtype)[..., None]
+  reset = _row_flags("reset", reset, (T, B), xs.dtype)
   bottom_up_1 = cell.bottom_up_term(params[0], xs, config.matmul_dtype)  # (T, B, R_1): one matmul
   noise = None
   if _samples(key, config, deterministic):
@@ -531,11 +587,27 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
   slope = jnp.asarray(slope, xs.dtype)
   small, kernels = _small_params(params), _kernels(params)
   if fast_backward:
-    final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise)
+    final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise, valid,
+                                reset)
   else:
-    final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False)
+    final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False, valid,
+                      reset)
     hs, zs = tuple(y[0] for y in ys), tuple(y[1] for y in ys)
+  if valid is not None:  # past a row's end its outputs are 0, not its kept state
+    hs, zs = tuple(h * valid for h in hs), tuple(z * valid for z in zs)
   return final, UnrollOutputs(h=hs, z=zs)
+
+
+def _row_flags(name: str, flags, shape: tuple, dtype):
+  """Bools of ``shape`` ((B,) for a step, (T, B) for a sequence) as 0/1 of ``dtype`` with a
+  trailing axis of 1, or ``None``."""
+  if flags is None:
+    return None
+  flags = jnp.asarray(flags)
+  if flags.shape != shape:
+    raise ValueError(f"{name} must have shape {shape} (one flag per row{', per step' if len(shape) == 2 else ''}), "
+                     f"got {flags.shape}")
+  return flags.astype(dtype)[..., None]
 
 
 def boundary_rates(zs: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:

@@ -473,3 +473,95 @@ def test_step_skipping_copy_layers_gives_the_same_bits(boundary, layer_norm, ext
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   if boundary != "soft":
     assert skipped > 0, "no layer was ever all-COPY: the test would not see a wrong skip"
+
+
+LENGTHS = (12, 5, 9)  # one per row of B = 3; T = 12
+
+
+@jax.enable_x64(True)
+@pytest.mark.parametrize("schedule,boundary,layer_norm", [
+    ("layers", "step", False), ("two_phase", "step", True), ("layers", "soft", "sum")])
+def test_seq_lengths_give_each_row_its_state_as_if_run_alone(schedule, boundary, layer_norm):
+  """Issue 19: with padding the final state was the state after the padding (|Δc| 1.73)."""
+  config, params, xs = _setup(boundary, layer_norm, sizes=(4, 5, 6), schedule=schedule)
+  params, xs = _float64(params), _float64(xs)
+  lengths = jnp.asarray(LENGTHS)
+  final, out = H.unroll(params, H.initial_state(config, B, jnp.float64), xs, 1.5, config=config,
+                        seq_lengths=lengths)
+  for b, n in enumerate(LENGTHS):
+    alone, out_b = H.unroll(params, H.initial_state(config, 1, jnp.float64), xs[:n, b:b + 1], 1.5,
+                            config=config)
+    for got, want in zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(alone)):
+      np.testing.assert_allclose(got[b], want[0], atol=1e-12)
+    for l in range(3):
+      np.testing.assert_allclose(out.h[l][:n, b], out_b.h[l][:, 0], atol=1e-12)
+      np.testing.assert_allclose(out.z[l][:n, b], out_b.z[l][:, 0], atol=1e-12)
+      assert not np.any(np.asarray(out.h[l][n:, b])) and not np.any(np.asarray(out.z[l][n:, b]))
+
+
+@jax.enable_x64(True)
+@pytest.mark.parametrize("schedule", ["layers", "two_phase"])
+def test_reset_starts_a_row_afresh_and_leaves_the_others(schedule):
+  config, params, xs = _setup("step", True, sizes=(4, 5, 6), schedule=schedule)
+  params, xs = _float64(params), _float64(xs)
+  state0 = jax.tree_util.tree_map(lambda x: x + 0.3, H.initial_state(config, B, jnp.float64))
+  reset = np.zeros((T, B), bool)
+  reset[4, 1] = True   # row 1: a new document at step 4
+  final, out = H.unroll(params, state0, xs, 1.5, config=config, reset=jnp.asarray(reset))
+  plain, plain_out = H.unroll(params, state0, xs, 1.5, config=config)
+  fresh, fresh_out = H.unroll(params, H.initial_state(config, 1, jnp.float64), xs[4:, 1:2], 1.5,
+                              config=config)
+  for got, same, new in zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(plain),
+                            jax.tree_util.tree_leaves(fresh)):
+    np.testing.assert_array_equal(got[0], same[0])
+    np.testing.assert_array_equal(got[2], same[2])
+    np.testing.assert_allclose(got[1], new[0], atol=1e-12)
+  np.testing.assert_array_equal(out.h[2][:4, 1], plain_out.h[2][:4, 1])
+  np.testing.assert_allclose(out.h[2][4:, 1], fresh_out.h[2][:, 0], atol=1e-12)
+
+
+@jax.enable_x64(True)
+@pytest.mark.parametrize("schedule,layer_norm,extra", [
+    ("layers", False, {}), ("layers", True, {}), ("two_phase", True, {}),
+    ("two_phase", "sum", {"st_local": True})])
+def test_custom_backward_with_lengths_and_reset_equals_autodiff(schedule, layer_norm, extra):
+  config, params, xs = _setup("step", layer_norm, sizes=(4, 5, 6), schedule=schedule, **extra)
+  params, xs = _float64(params), _float64(xs)
+  state0 = jax.tree_util.tree_map(lambda x: x + 0.2, H.initial_state(config, B, jnp.float64))
+  reset = jnp.zeros((T, B), bool).at[3, 0].set(True).at[7, 2].set(True)
+  weights = jax.random.normal(jax.random.key(9), (T, B, 6), jnp.float64)
+
+  def loss(params, state0, xs, fast):
+    final, out = H.unroll(params, state0, xs, 2.0, config=config, fast_backward=fast,
+                          seq_lengths=jnp.asarray(LENGTHS), reset=reset)
+    return (jnp.sum(out.h[2] * weights) + jnp.sum(out.h[0] ** 2) + jnp.sum(out.z[1])
+            + sum(jnp.sum(s.c * s.h) for s in final))
+
+  fast = jax.grad(loss, argnums=(0, 1, 2))(params, state0, xs, True)
+  slow = jax.grad(loss, argnums=(0, 1, 2))(params, state0, xs, False)
+  for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(slow)):
+    np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-8)
+  d_xs = np.asarray(fast[2])
+  for b, n in enumerate(LENGTHS):
+    assert not np.any(d_xs[n:, b])  # nothing flows into the padding
+  assert np.any(d_xs[:3, 0]) and np.any(d_xs[3:, 0])
+
+
+@jax.enable_x64(True)
+def test_step_with_valid_and_reset_equals_unroll():
+  config, params, xs = _setup("step", True, sizes=(4, 5, 6))
+  params, xs = _float64(params), _float64(xs)
+  lengths = jnp.asarray(LENGTHS)
+  reset = jnp.zeros((T, B), bool).at[2, 1].set(True)
+  state = H.initial_state(config, B, jnp.float64)
+  final, out = H.unroll(params, state, xs, 1.0, config=config, seq_lengths=lengths, reset=reset)
+  for t in range(T):
+    state = H.step(params, state, xs[t], 1.0, config=config, valid=t < lengths, reset=reset[t])
+    for l in range(3):
+      np.testing.assert_allclose(state[l].h * (t < lengths)[:, None], out.h[l][t], atol=1e-12)
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(final)):
+    np.testing.assert_allclose(a, b, atol=1e-12)
+  with pytest.raises(ValueError, match=r"seq_lengths must be \(3,\) integers"):
+    H.unroll(params, state, xs, 1.0, config=config, seq_lengths=jnp.asarray([1.0, 2.0, 3.0]))
+  with pytest.raises(ValueError, match=r"reset must have shape \(12, 3\)"):
+    H.unroll(params, state, xs, 1.0, config=config, reset=reset.T)
