@@ -41,6 +41,7 @@ from hmlstm_jax.models import charlm_loss
 from hmlstm_jax.models import charlm_step
 from hmlstm_jax.models import init_charlm
 from hmlstm_jax.nn import HMLSTM
+from hmlstm_jax import nnx
 
 __version__ = "0.1.0"
 
@@ -52,5 +53,5 @@ __all__ = [
     "charlm_apply", "charlm_loss", "charlm_step", "hard_sigmoid", "init_charlm", "init_output_module",
     "init_params", "init_softmax", "initial_state", "layer_update", "operation_counts",
     "operations", "output_module", "pre_activation", "slope_schedule", "softmax_logits", "step",
-    "straight_through_boundary", "unroll",
+    "straight_through_boundary", "unroll", "nnx",
 ]

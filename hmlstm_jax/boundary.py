@@ -83,7 +83,20 @@ def straight_through_boundary(x: jax.Array, slope: jax.Array | float,
   Returns:
     z in {0, 1}, dtype of ``x``.
   """
+  check_slope(slope)
   return (x > (2.0 * u - 1.0) / slope).astype(x.dtype)
+
+
+def check_slope(slope) -> None:
+  """Raises ValueError for a concrete slope a that is not positive (or NaN). A traced slope
+  cannot be checked: a ≤ 0 flips or zeroes the straight-through gradient and turns every
+  boundary off, and a NaN turns them all off, silently."""
+  try:
+    value = float(jnp.asarray(slope))
+  except jax.errors.ConcretizationTypeError:  # traced
+    return
+  if not value > 0:  # also NaN
+    raise ValueError(f"the slope a must be positive (the hard sigmoid's, Eq. 9), got {value}")
 
 
 def _straight_through_fwd(x, slope, u, gradient):

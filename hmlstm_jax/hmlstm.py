@@ -216,6 +216,34 @@ def _check_state(config: HMLSTMConfig, state: State) -> None:
                      "make it with initial_state(config, batch_size)")
 
 
+def check_inputs(config: HMLSTMConfig, state: State, x: jax.Array, slope,
+                 time_major: bool) -> None:
+  """The checks at the public boundary of :func:`step` (x: (B, input)) and :func:`unroll`
+  (x: (T, B, input)): layers, widths, batch and dtype of the state against the inputs, and a
+  concrete slope a > 0 (:func:`boundary.check_slope`). Raises ValueError naming both shapes
+  and the likely mistake."""
+  _check_state(config, state)
+  want = f"(T, B, {config.input_size})" if time_major else f"(B, {config.input_size})"
+  if x.ndim != (3 if time_major else 2) or x.shape[-1] != config.input_size:
+    raise ValueError(f"inputs must be {want}, got shape {x.shape}")
+  batch = x.shape[1] if time_major else x.shape[0]
+  for layer, (s, d) in enumerate(zip(state, config.layer_sizes)):
+    shapes = (jnp.shape(s.h), jnp.shape(s.c), jnp.shape(s.z))
+    if shapes != ((batch, d), (batch, d), (batch, 1)):
+      hint = ""
+      if time_major and shapes[0][:1] == (x.shape[0],):
+        hint = ("; the inputs look batch-major (B, T, input): pass jnp.swapaxes(xs, 0, 1), "
+                "or time_major=False to the modules")
+      raise ValueError(f"state of layer {layer + 1} has shapes h {shapes[0]}, c {shapes[1]}, "
+                       f"z {shapes[2]}, but inputs {x.shape} give batch {batch} and the config "
+                       f"width {d}: make it with initial_state(config, {batch}){hint}")
+    if jnp.result_type(s.h) != x.dtype:
+      raise ValueError(f"state is {jnp.result_type(s.h)} but the inputs are {x.dtype}: make the "
+                       f"state with initial_state(config, batch_size, {x.dtype}) or cast the "
+                       "inputs")
+  boundary_lib.check_slope(slope)
+
+
 _MATRICES = ("W", "U", "U_top")
 
 
@@ -515,7 +543,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
     :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
   """
-  _check_state(config, state)
+  check_inputs(config, state, x_t, slope, time_major=False)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
   body = _forward_body(_small_params(params), _kernels(params), slope, config, False, skip_copy)
@@ -568,9 +596,7 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     next segment, and every layer's h^ℓ_t (T, B, d_ℓ) and z^ℓ_t (T, B, 1). The operation of
     every layer at every step follows from them: see :func:`operations`.
   """
-  _check_state(config, state)
-  if xs.ndim != 3 or xs.shape[-1] != config.input_size:
-    raise ValueError(f"xs must be time-major (T, B, {config.input_size}), got shape {xs.shape}")
+  check_inputs(config, state, xs, slope, time_major=True)
   T, B = xs.shape[:2]
   valid = None
   if seq_lengths is not None:

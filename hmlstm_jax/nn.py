@@ -1,36 +1,71 @@
 """A thin ``flax.linen`` wrapper over the functional HM-LSTM, for code that composes modules.
 
 The module owns one parameter, ``'hmlstm'``, which is exactly the pytree of
-:func:`hmlstm_jax.init_params`; calling the module is :func:`hmlstm_jax.unroll` on it, so
-the numbers are the functional API's bit for bit.
+:func:`hmlstm_jax.init_params`; calling the module is :func:`hmlstm_jax.unroll` on it, and
+its ``step`` method is :func:`hmlstm_jax.step`, so the numbers are the functional API's bit
+for bit. (For Flax NNX: :mod:`hmlstm_jax.nnx`, which also says why there is no cell for
+``nn.RNN``.)
 
 Example::
 
     cell = HMLSTM(HMLSTMConfig(input_size=8, layer_sizes=(16, 16)))
     carry = cell.initialize_carry(batch_size=4)
     variables = cell.init(jax.random.key(0), carry, xs, 1.0)     # xs: (T, 4, 8)
-    final, outputs = cell.apply(variables, carry, xs, 1.0)
+    final, outputs = cell.apply(variables, carry, xs, 1.0, seq_lengths=lengths)
+    carry = cell.apply(variables, carry, xs[0], 1.0, method="step")  # one step
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from hmlstm_jax import hmlstm
 
 
 class HMLSTM(nn.Module):
-  """The HM-LSTM of Eq. 1-9 unrolled over a time-major sequence (see :func:`hmlstm.unroll`)."""
+  """The HM-LSTM of Eq. 1-9 unrolled over a sequence (see :func:`hmlstm.unroll`).
+
+  Attributes:
+    config: the :class:`hmlstm.HMLSTMConfig`.
+    param_dtype: the parameters' dtype (bfloat16: a bfloat16 model end to end with
+      ``initialize_carry(..., dtype=jnp.bfloat16)``).
+  """
   config: hmlstm.HMLSTMConfig
+  param_dtype: Any = jnp.float32
 
-  def initialize_carry(self, batch_size: int) -> hmlstm.State:
-    """h = c = z = 0 for every layer (:func:`hmlstm.initial_state`)."""
-    return hmlstm.initial_state(self.config, batch_size)
+  def setup(self):
+    self.weights = self.param(
+        "hmlstm", lambda key: jax.tree_util.tree_map(
+            lambda x: x.astype(self.param_dtype), hmlstm.init_params(key, self.config)))
 
-  @nn.compact
+  def initialize_carry(self, batch_size: int, dtype=None) -> hmlstm.State:
+    """h = c = z = 0 for every layer (:func:`hmlstm.initial_state`), in ``dtype`` (default
+    ``param_dtype``)."""
+    return hmlstm.initial_state(self.config, batch_size, dtype or self.param_dtype)
+
   def __call__(self, carry: hmlstm.State, xs: jax.Array, slope,
-               key: jax.Array | None = None, deterministic: bool = False):
-    """Returns ``(final_state, UnrollOutputs)`` exactly as :func:`hmlstm.unroll`."""
-    params = self.param("hmlstm", hmlstm.init_params, self.config)
-    return hmlstm.unroll(params, carry, xs, slope, key, config=self.config,
-                         deterministic=deterministic)
+               key: jax.Array | None = None, deterministic: bool = False, *,
+               seq_lengths: jax.Array | None = None, reset: jax.Array | None = None,
+               time_major: bool = True):
+    """Returns ``(final_state, UnrollOutputs)`` exactly as :func:`hmlstm.unroll`; with
+    ``time_major=False`` ``xs`` (and ``reset``, and the outputs) are batch-major."""
+    if not time_major:
+      xs = jnp.swapaxes(xs, 0, 1)
+      reset = None if reset is None else jnp.swapaxes(jnp.asarray(reset), 0, 1)
+    final, out = hmlstm.unroll(self.weights, carry, xs, slope, key, config=self.config,
+                               deterministic=deterministic, seq_lengths=seq_lengths,
+                               reset=reset)
+    if not time_major:
+      out = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), out)
+    return final, out
+
+  def step(self, carry: hmlstm.State, x_t: jax.Array, slope, key: jax.Array | None = None,
+           deterministic: bool = True, *, skip_copy: bool = False,
+           valid: jax.Array | None = None, reset: jax.Array | None = None) -> hmlstm.State:
+    """One step of every layer (:func:`hmlstm.step`), for generation: x_t (B, input)."""
+    return hmlstm.step(self.weights, carry, x_t, slope, key, config=self.config,
+                       deterministic=deterministic, skip_copy=skip_copy, valid=valid,
+                       reset=reset)

@@ -222,10 +222,28 @@ def test_bad_config_and_shapes_fail_clearly():
   with pytest.raises(ValueError, match="input_size"):
     H.HMLSTMConfig(input_size=0, layer_sizes=(4,))
   config, params, xs = _setup()
-  with pytest.raises(ValueError, match="time-major"):
+  with pytest.raises(ValueError, match=r"inputs must be \(T, B, 5\), got shape \(12, 3, 2\)"):
     H.unroll(params, H.initial_state(config, B), xs[..., :2], 1.0, config=config)
   with pytest.raises(ValueError, match="state has 1 layers"):
     H.unroll(params, H.initial_state(config, B)[:1], xs, 1.0, config=config)
+  # Issue 19, item 4: these failed deep in jax ("mul got incompatible shapes (3, 1), (5, 33)").
+  with pytest.raises(ValueError, match=r"state of layer 1 has shapes h \(5, 6\).*batch 3.*"
+                                       r"initial_state\(config, 3\)"):
+    H.unroll(params, H.initial_state(config, 5), xs, 1.0, config=config)
+  with pytest.raises(ValueError, match=r"the inputs look batch-major \(B, T, input\): pass "
+                                       r"jnp.swapaxes\(xs, 0, 1\)"):
+    H.unroll(params, H.initial_state(config, B), jnp.swapaxes(xs, 0, 1), 1.0, config=config)
+  with pytest.raises(ValueError, match=r"state is float32 but the inputs are bfloat16"):
+    H.unroll(params, H.initial_state(config, B), xs.astype(jnp.bfloat16), 1.0, config=config)
+  with pytest.raises(ValueError, match=r"inputs must be \(B, 5\)"):
+    H.step(params, H.initial_state(config, B), xs, 1.0, config=config)
+  for slope in (0.0, -1.0, float("nan")):  # ran silently: -1 flipped the gradient
+    with pytest.raises(ValueError, match="the slope a must be positive"):
+      H.unroll(params, H.initial_state(config, B), xs, slope, config=config)
+    with pytest.raises(ValueError, match="the slope a must be positive"):
+      H.step(params, H.initial_state(config, B), xs[0], slope, config=config)
+  with pytest.raises(ValueError, match="the slope a must be positive"):  # ZeroDivisionError
+    H.straight_through_boundary(jnp.ones(3), 0.0, 0.5)
 
 
 def test_init_params_shapes_follow_the_paper():
