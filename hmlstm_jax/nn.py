@@ -37,9 +37,7 @@ class HMLSTM(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    self.weights = self.param(
-        "hmlstm", lambda key: jax.tree_util.tree_map(
-            lambda x: x.astype(self.param_dtype), hmlstm.init_params(key, self.config)))
+    self.weights = self.param("hmlstm", hmlstm.init_params, self.config, self.param_dtype)
 
   def initialize_carry(self, batch_size: int, dtype=None) -> hmlstm.State:
     """h = c = z = 0 for every layer (:func:`hmlstm.initial_state`), in ``dtype`` (default

@@ -48,7 +48,7 @@ class HMLSTM(nnx.Module):
 
   def __init__(self, config: hmlstm.HMLSTMConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
     self.config = config
-    self.params = nnx.Param(_cast(hmlstm.init_params(rngs.params(), config), param_dtype))
+    self.params = nnx.Param(hmlstm.init_params(rngs.params(), config, param_dtype))
 
   @property
   def dtype(self):

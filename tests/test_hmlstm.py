@@ -583,3 +583,17 @@ def test_step_with_valid_and_reset_equals_unroll():
     H.unroll(params, state, xs, 1.0, config=config, seq_lengths=jnp.asarray([1.0, 2.0, 3.0]))
   with pytest.raises(ValueError, match=r"reset must have shape \(12, 3\)"):
     H.unroll(params, state, xs, 1.0, config=config, reset=reset.T)
+
+
+@jax.enable_x64(True)
+def test_init_params_dtype_and_a_bfloat16_model_stay_in_their_dtype():
+  """Issue 19, item 5: init_params was float32 even with x64 on."""
+  config = H.HMLSTMConfig(input_size=3, layer_sizes=(4, 5), layer_norm=True)
+  for dtype in (jnp.float64, jnp.bfloat16):
+    params = H.init_params(jax.random.key(0), config, dtype)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(dtype)}
+    xs = jnp.ones((4, 2, 3), dtype)
+    final, out = H.unroll(params, H.initial_state(config, 2, dtype), xs, 1.0, config=config)
+    assert {x.dtype for x in jax.tree_util.tree_leaves((final, out))} == {jnp.dtype(dtype)}
+  np.testing.assert_array_equal(H.init_params(jax.random.key(0), config, jnp.float64)[0]["U"],
+                                H.init_params(jax.random.key(0), config)[0]["U"])
