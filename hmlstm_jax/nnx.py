@@ -1,8 +1,10 @@
 """``flax.nnx`` modules over the functional HM-LSTM: the same parameters, the same numbers.
 
-``HMLSTM`` holds one :class:`flax.nnx.Param` whose value is exactly the pytree of
-:func:`hmlstm_jax.init_params`; calling it is :func:`hmlstm_jax.unroll`, its :meth:`HMLSTM.step`
-is :func:`hmlstm_jax.step`. ``OutputModule`` is Eq. 11-12 (:func:`hmlstm_jax.output_module`).
+``HMLSTM`` holds the pytree of :func:`hmlstm_jax.init_params` as ``layers``: an ``nnx.List``
+of one ``nnx.Dict`` of :class:`flax.nnx.Param` per layer, named as the paper's matrices
+(``W``, ``U``, ``U_top``, ``b``, layer norm); :attr:`HMLSTM.weights` gives the functional
+pytree back. Calling it is :func:`hmlstm_jax.unroll`, its :meth:`HMLSTM.step` is
+:func:`hmlstm_jax.step`. ``OutputModule`` is Eq. 11-12 (:func:`hmlstm_jax.output_module`).
 
 Example, a variable-length batch, batch-major as ``nnx.RNN`` takes it::
 
@@ -32,8 +34,13 @@ from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 
 
-def _cast(tree, dtype):
-  return jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+def _params(tree: dict) -> nnx.Dict:
+  """A dict of arrays (one layer's, or a head's) as an ``nnx.Dict`` of ``nnx.Param``."""
+  return nnx.Dict({name: nnx.Param(value) for name, value in tree.items()})
+
+
+def _values(params: nnx.Dict) -> dict:
+  return {name: param.get_value() for name, param in params.items()}
 
 
 class HMLSTM(nnx.Module):
@@ -48,11 +55,17 @@ class HMLSTM(nnx.Module):
 
   def __init__(self, config: hmlstm.HMLSTMConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
     self.config = config
-    self.params = nnx.Param(hmlstm.init_params(rngs.params(), config, param_dtype))
+    self.layers = nnx.List([_params(layer) for layer in
+                            hmlstm.init_params(rngs.params(), config, param_dtype)])
+
+  @property
+  def weights(self) -> tuple[dict, ...]:
+    """The parameters as :func:`hmlstm.init_params` makes them (the functional API's)."""
+    return tuple(_values(layer) for layer in self.layers)
 
   @property
   def dtype(self):
-    return self.params.get_value()[0]["b"].dtype
+    return self.layers[0]["b"].get_value().dtype
 
   def initialize_carry(self, batch_size: int) -> hmlstm.State:
     """h = c = z = 0 for every layer, in the parameters' dtype (:func:`hmlstm.initial_state`)."""
@@ -68,7 +81,7 @@ class HMLSTM(nnx.Module):
     if not time_major:
       xs = jnp.swapaxes(xs, 0, 1)
       reset = None if reset is None else jnp.swapaxes(jnp.asarray(reset), 0, 1)
-    final, out = hmlstm.unroll(self.params.get_value(), carry, xs, slope, key,
+    final, out = hmlstm.unroll(self.weights, carry, xs, slope, key,
                                config=self.config, deterministic=deterministic,
                                seq_lengths=seq_lengths, reset=reset)
     if not time_major:
@@ -79,7 +92,7 @@ class HMLSTM(nnx.Module):
            deterministic: bool = True, skip_copy: bool = False, valid: jax.Array | None = None,
            reset: jax.Array | None = None) -> hmlstm.State:
     """One step of every layer (:func:`hmlstm.step`), for generation: x_t (B, input)."""
-    return hmlstm.step(self.params.get_value(), carry, x_t, slope, key, config=self.config,
+    return hmlstm.step(self.weights, carry, x_t, slope, key, config=self.config,
                        deterministic=deterministic, skip_copy=skip_copy, valid=valid,
                        reset=reset)
 
@@ -90,12 +103,18 @@ class OutputModule(nnx.Module):
 
   def __init__(self, layer_sizes: Sequence[int], output_size: int, *, rngs: nnx.Rngs,
                param_dtype=jnp.float32):
-    self.params = nnx.Param(_cast(heads.init_output_module(rngs.params(), layer_sizes,
-                                                           output_size), param_dtype))
+    self.params = _params(jax.tree_util.tree_map(
+        lambda x: x.astype(param_dtype),
+        heads.init_output_module(rngs.params(), layer_sizes, output_size)))
+
+  @property
+  def weights(self) -> dict:
+    """``w_gate`` and ``W_e`` as :func:`heads.init_output_module` makes them."""
+    return _values(self.params)
 
   def __call__(self, hs: Sequence[jax.Array]) -> jax.Array:
     """h^e from every layer's h (each (..., d_ℓ), the same leading shape)."""
-    return heads.output_module(self.params.get_value(), hs)
+    return heads.output_module(self.weights, hs)
 
 
 def reverse_within_lengths(xs: jax.Array, seq_lengths: jax.Array) -> jax.Array:

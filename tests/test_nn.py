@@ -56,7 +56,7 @@ def test_nnx_module_equals_the_functional_api_with_lengths_steps_and_gradients()
   import optax
   config = H.HMLSTMConfig(input_size=3, layer_sizes=(5, 4, 6), layer_norm=True)
   rnn = H.nnx.HMLSTM(config, rngs=nnx.Rngs(0))
-  params = rnn.params.get_value()
+  params = rnn.weights
   reference = H.init_params(jax.random.key(0), config)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference)
   xs = jax.random.normal(jax.random.key(1), (3, 8, 3))
@@ -73,7 +73,7 @@ def test_nnx_module_equals_the_functional_api_with_lengths_steps_and_gradients()
                                                    config=config)[2].h)
 
   head = H.nnx.OutputModule((5, 4, 6), 7, rngs=nnx.Rngs(1))
-  np.testing.assert_array_equal(head(out.h), H.output_module(head.params.get_value(), out.h))
+  np.testing.assert_array_equal(head(out.h), H.output_module(head.weights, out.h))
 
   def loss(rnn, head):
     final, out = rnn(rnn.initialize_carry(3), xs, 1.5, seq_lengths=lengths, time_major=False)
@@ -85,14 +85,14 @@ def test_nnx_module_equals_the_functional_api_with_lengths_steps_and_gradients()
     final, out = H.unroll(p, carry, jnp.swapaxes(xs, 0, 1), 1.5, config=config,
                           seq_lengths=lengths)
     return jnp.sum(H.output_module(q, out.h) ** 2) + jnp.sum(final[1].c)
-  g_p, g_q = jax.grad(functional, argnums=(0, 1))(params, head.params.get_value())
+  g_p, g_q = jax.grad(functional, argnums=(0, 1))(params, head.weights)
   for a, b in zip(jax.tree_util.tree_leaves(nnx.state(grads[0])), jax.tree_util.tree_leaves(g_p)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(nnx.state(grads[1])), jax.tree_util.tree_leaves(g_q)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   optimizer = nnx.Optimizer(rnn, optax.adam(1e-2), wrt=nnx.Param)
   optimizer.update(rnn, grads[0])
-  assert not np.array_equal(rnn.params.get_value()[0]["U"], params[0]["U"])
+  assert not np.array_equal(rnn.weights[0]["U"], params[0]["U"])
 
   bf16 = H.nnx.HMLSTM(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
   final16, out16 = bf16(bf16.initialize_carry(3), xs.astype(jnp.bfloat16), 1.5, time_major=False)

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,3 +57,14 @@ def test_readme_layer_norm_gradient_reach_example_shows_what_it_says(tmp_path):
   assert max(plain[1:]) < 10 * plain[0]       # without layer norm: no growth back in time
   assert normalised[-1] > 1e6 * normalised[0]  # with it: many orders of magnitude
   assert half[-1] < 1e-3 * normalised[-1]      # gains 0.5 slow it by orders of magnitude
+
+
+@pytest.mark.parametrize("marker", ["class Classifier(nnx.Module)", "class Classifier(nn.Module)"])
+def test_readme_variable_length_classifiers_learn_what_needs_the_lengths(tmp_path, marker):
+  """Issue 19: a variable-length classifier in NNX and in linen, as written in the README."""
+  script = tmp_path / "classifier.py"
+  script.write_text(_example(marker))
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert float(re.search(r"accuracy ([\d.]+)", result.stdout).group(1)) >= 0.95
