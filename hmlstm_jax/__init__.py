@@ -29,6 +29,8 @@ from hmlstm_jax.hmlstm import UnrollOutputs
 from hmlstm_jax.hmlstm import boundary_noise
 from hmlstm_jax.hmlstm import init_params
 from hmlstm_jax.hmlstm import initial_state
+from hmlstm_jax.hmlstm import Internals
+from hmlstm_jax.hmlstm import internals
 from hmlstm_jax.hmlstm import operation_counts
 from hmlstm_jax.hmlstm import operations
 from hmlstm_jax.hmlstm import step
@@ -41,17 +43,18 @@ from hmlstm_jax.models import charlm_loss
 from hmlstm_jax.models import charlm_step
 from hmlstm_jax.models import init_charlm
 from hmlstm_jax.nn import HMLSTM
+from hmlstm_jax.nn import OutputModule
 from hmlstm_jax import nnx
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BOUNDARY_VARIANTS", "COPY", "FLUSH", "UPDATE", "CharLMConfig", "CharLMOutputs", "HMLSTM",
-    "HMLSTMConfig", "HandwritingConfig", "LayerState", "RecurrentConfig", "State",
+    "HMLSTMConfig", "HandwritingConfig", "Internals", "LayerState", "OutputModule", "RecurrentConfig", "State",
     "UnrollOutputs", "boundary_noise", "f_bound", "handwriting_apply", "handwriting_loss",
     "init_handwriting", "sequence_log_likelihoods",
     "charlm_apply", "charlm_loss", "charlm_step", "hard_sigmoid", "init_charlm", "init_output_module",
-    "init_params", "init_softmax", "initial_state", "layer_update", "operation_counts",
+    "init_params", "init_softmax", "initial_state", "internals", "layer_update", "operation_counts",
     "operations", "output_module", "pre_activation", "slope_schedule", "softmax_logits", "step",
     "straight_through_boundary", "unroll", "nnx",
 ]

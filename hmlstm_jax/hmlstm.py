@@ -599,6 +599,22 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     next segment, and every layer's h^ℓ_t (T, B, d_ℓ) and z^ℓ_t (T, B, 1). The operation of
     every layer at every step follows from them: see :func:`operations`.
   """
+  prepared = _prepare(params, state, xs, slope, key, config, deterministic, seq_lengths, reset)
+  bottom_up_1, slope, noise, valid, reset, small, kernels = prepared
+  if fast_backward:
+    final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise, valid,
+                                reset)
+  else:
+    final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False, valid,
+                      reset)
+    hs, zs = tuple(y[0] for y in ys), tuple(y[1] for y in ys)
+  return final, _masked(valid, UnrollOutputs(h=hs, z=zs))
+
+
+def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConfig,
+             deterministic: bool, seq_lengths, reset) -> tuple:
+  """What :func:`unroll` and :func:`internals` start from, checked: layer 1's W x for all
+  steps, the slope, the noise, the per-row flags and the parameters split for the scan."""
   check_inputs(config, state, xs, slope, time_major=True)
   T, B = xs.shape[:2]
   valid = None
@@ -613,18 +629,48 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
   noise = None
   if _samples(key, config, deterministic):
     noise = jax.vmap(lambda k: boundary_noise(k, config, B, xs.dtype))(jax.random.split(key, T))
-  slope = jnp.asarray(slope, xs.dtype)
-  small, kernels = _small_params(params), _kernels(params)
-  if fast_backward:
-    final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise, valid,
-                                reset)
-  else:
-    final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False, valid,
-                      reset)
-    hs, zs = tuple(y[0] for y in ys), tuple(y[1] for y in ys)
-  if valid is not None:  # past a row's end its outputs are 0, not its kept state
-    hs, zs = tuple(h * valid for h in hs), tuple(z * valid for z in zs)
-  return final, UnrollOutputs(h=hs, z=zs)
+  return (bottom_up_1, jnp.asarray(slope, xs.dtype), noise, valid, reset, _small_params(params),
+          _kernels(params))
+
+
+def _masked(valid, outputs: UnrollOutputs) -> UnrollOutputs:
+  """Past a row's end its outputs are 0, not its kept state."""
+  if valid is None:
+    return outputs
+  return UnrollOutputs(h=tuple(h * valid for h in outputs.h), z=tuple(z * valid for z in outputs.z))
+
+
+class Internals(NamedTuple):
+  """Per step, what :class:`UnrollOutputs` leaves out (:func:`internals`)."""
+  c: tuple[jax.Array, ...]        # per layer c^ℓ_t (T, B, d_ℓ), the stored (unnormalised) cell
+  z_tilde: tuple[jax.Array, ...]  # per layer with a detector ž^ℓ_t (T, B, 1), before f_bound
+
+
+def internals(params, state: State, xs: jax.Array, slope, key: jax.Array | None = None, *,
+              config: HMLSTMConfig, deterministic: bool = False,
+              seq_lengths: jax.Array | None = None, reset: jax.Array | None = None
+              ) -> tuple[State, UnrollOutputs, Internals]:
+  """:func:`unroll` (the same arguments and numbers) that also returns every step's c^ℓ_t and
+  the boundary probability ž^ℓ_t = hard_sigm_a(s^ℓ_t[ž]) (Eq. 9) before f_bound (Eq. 8), e.g.
+  to analyse or regularise the detectors. Differentiated by autodiff of the plain scan (not
+  the custom backward): slower, for analysis. Past a row's end c and ž are 0, like h and z.
+  """
+  prepared = _prepare(params, state, xs, slope, key, config, deterministic, seq_lengths, reset)
+  bottom_up_1, slope, noise, valid, reset, small, kernels = prepared
+  final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, True, valid, reset)
+  hs, zs, cs, projs = (tuple(y[i] for y in ys) for i in range(4))
+  prev = _zero_where(reset, _states_before(state, hs, zs, cs))
+  outs = tuple(LayerState(h=h, c=c, z=z) for h, c, z in zip(hs, cs, zs))
+  z_tilde = []
+  for layer in range(config.num_layers - 1):
+    _, _, z_below = _layer_context(prev, outs, layer)
+    s = cell.combine_terms(small[layer], projs[layer], prev[layer].z, z_below,
+                           bottom_up_1 if layer == 0 else None, config.st_local)
+    d = config.layer_sizes[layer]
+    z_tilde.append(boundary_lib.hard_sigmoid(s[..., 4 * d:4 * d + 1], slope))
+  keep = (lambda x: x) if valid is None else (lambda x: x * valid)
+  return (final, _masked(valid, UnrollOutputs(h=hs, z=zs)),
+          Internals(c=tuple(map(keep, cs)), z_tilde=tuple(map(keep, z_tilde))))
 
 
 def _row_flags(name: str, flags, shape: tuple, dtype):

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 
 
@@ -67,3 +68,20 @@ class HMLSTM(nn.Module):
     return hmlstm.step(self.weights, carry, x_t, slope, key, config=self.config,
                        deterministic=deterministic, skip_copy=skip_copy, valid=valid,
                        reset=reset)
+
+
+class OutputModule(nn.Module):
+  """Eq. 11-12, h^e = ReLU(Σ_ℓ g^ℓ W^e_ℓ h^ℓ) with g^ℓ = sigmoid(w^ℓ·[h^1; …; h^L])
+  (:func:`heads.output_module`); one parameter, ``'output'``, as
+  :func:`heads.init_output_module` makes it."""
+  layer_sizes: tuple[int, ...]
+  output_size: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hs):
+    """h^e from every layer's h (each (..., d_ℓ), the same leading shape)."""
+    weights = self.param("output", lambda key: jax.tree_util.tree_map(
+        lambda x: x.astype(self.param_dtype),
+        heads.init_output_module(key, self.layer_sizes, self.output_size)))
+    return heads.output_module(weights, hs)

@@ -597,3 +597,31 @@ def test_init_params_dtype_and_a_bfloat16_model_stay_in_their_dtype():
     assert {x.dtype for x in jax.tree_util.tree_leaves((final, out))} == {jnp.dtype(dtype)}
   np.testing.assert_array_equal(H.init_params(jax.random.key(0), config, jnp.float64)[0]["U"],
                                 H.init_params(jax.random.key(0), config)[0]["U"])
+
+
+@pytest.mark.parametrize("layer_norm", [False, "sum", "boundary"])
+def test_internals_give_c_and_the_boundary_probability_of_every_step(layer_norm):
+  """Issue 19, item 5: ž before the threshold and c per step, without rewriting the unroll."""
+  config, params, xs = _setup("step", layer_norm, sizes=(4, 5, 6), boundary_bias=-0.3)
+  state0 = H.initial_state(config, B)
+  lengths = jnp.asarray(LENGTHS)
+  final, out, inner = H.internals(params, state0, xs, 1.5, config=config, seq_lengths=lengths)
+  final_u, out_u = H.unroll(params, state0, xs, 1.5, config=config, seq_lengths=lengths)
+  for a, b in zip(jax.tree_util.tree_leaves((final, out)), jax.tree_util.tree_leaves((final_u, out_u))):
+    np.testing.assert_array_equal(a, b)
+  state = state0
+  real = (jnp.arange(T)[:, None] < lengths[None, :])[..., None]
+  for t in range(T):
+    state = H.step(params, state, xs[t], 1.5, config=config, valid=t < lengths)
+    for l in range(3):
+      np.testing.assert_allclose(inner.c[l][t], state[l].c * real[t], atol=1e-5)
+  ops = H.operations(state0, out)
+  for l, z_tilde in enumerate(inner.z_tilde):  # z = 1[ž > 0.5] wherever the layer computed
+    assert z_tilde.shape == (T, B, 1) and bool(jnp.all((z_tilde >= 0) & (z_tilde <= 1)))
+    computed = np.asarray((ops[l] != H.COPY) & real[..., 0])
+    np.testing.assert_array_equal(np.asarray(z_tilde[..., 0] > 0.5)[computed],
+                                  np.asarray(out.z[l][..., 0] > 0.5)[computed])
+    assert 0 < computed.sum() and not np.any(np.asarray(z_tilde)[~np.asarray(real)])
+  grad = jax.grad(lambda p: sum(jnp.sum(z) for z in H.internals(
+      p, state0, xs, 1.5, config=config)[2].z_tilde))(params)
+  assert np.any(np.asarray(grad[1]["b"]))  # differentiable: a regulariser can use it

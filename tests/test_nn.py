@@ -43,6 +43,10 @@ def test_linen_module_takes_lengths_batch_major_input_and_one_step():
   stepped = module.apply(variables, carry, xs[:, 0], 2.0, method="step")
   np.testing.assert_array_equal(stepped[1].h, H.step(params, carry, xs[:, 0], 2.0,
                                                      config=config)[1].h)
+  head = H.OutputModule((5, 4), 6)
+  head_vars = head.init(jax.random.key(3), out.h)
+  np.testing.assert_array_equal(head.apply(head_vars, out.h),
+                                H.output_module(head_vars["params"]["output"], out.h))
   bf16 = H.HMLSTM(config, param_dtype=jnp.bfloat16)
   carry16 = bf16.initialize_carry(2)
   v16 = bf16.init(jax.random.key(2), carry16, xs.astype(jnp.bfloat16), 2.0, time_major=False)
