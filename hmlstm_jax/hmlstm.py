@@ -534,12 +534,13 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
       saving of COPY (Fig. 4) made real where one step runs at a time (sampling, streaming
       inference at small batch): the same state, bit for bit when both are jitted (run
       eagerly, the plain step goes op by op while the branch is compiled whole, and rounding
-      may differ in the last bit), the work of the layers that all rows COPY skipped.
+      may differ in the last bit), the work of the layers that all rows COPY skipped. Under
+      ``vmap`` ``lax.cond`` becomes a select of both branches, and in a large batch some row
+      nearly always needs each layer: there it saves nothing; on a GPU it is slower (README).
     valid: (B,) bool, or ``None`` (every row): rows where it is false keep their state (a
       padded step of a shorter sequence).
     reset: (B,) bool, or ``None``: rows where it is true start this step from the initial
-      state (zeros), as at the start of a new document in a stream that carries state. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in
-      a large batch some row nearly always needs each layer: there it saves nothing.
+      state (zeros), as at the start of a new document in a stream that carries state.
 
   Returns:
     The state at t. Its ``h`` and ``z`` are the step's outputs. The layers run bottom to top
