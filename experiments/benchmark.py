@@ -150,9 +150,8 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str |
   ``fast_backward=False`` differentiates the plain scan with autodiff (weight gradients
   accumulated inside the reverse scan), to measure what the custom backward buys.
   """
-  config = hm.CharLMConfig(vocab_size=shape.vocab, layer_sizes=shape.layer_sizes,
-                           output_size=shape.output_size, embed_size=shape.embed,
-                           layer_norm=layer_norm, matmul_dtype=matmul_dtype, schedule=schedule)
+  config = generation.lm_config(shape, layer_norm=layer_norm, dtype=matmul_dtype,
+                                schedule=schedule)
   opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
   params = hm.init_charlm(jax.random.key(0), config)
 

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 
 
-def init_output_module(key: jax.Array, layer_sizes: Sequence[int], output_size: int) -> dict:
-  """Parameters of Eq. 11-12: ``w_gate`` (Σ d_ℓ, L) and ``W_e`` (Σ d_ℓ, output_size).
+def init_output_module(key: jax.Array, layer_sizes: Sequence[int], output_size: int,
+                       dtype=jnp.float32) -> dict:
+  """Parameters of Eq. 11-12: ``w_gate`` (Σ d_ℓ, L) and ``W_e`` (Σ d_ℓ, output_size), drawn in
+  float32 and cast to ``dtype``.
 
   [decision] N(0, 1/fan_in); the paper's equations have no biases here, and neither do we.
   """
@@ -20,8 +22,9 @@ def init_output_module(key: jax.Array, layer_sizes: Sequence[int], output_size: 
   k_gate, k_e = jax.random.split(key)
   scale = 1.0 / jnp.sqrt(jnp.float32(total))
   return {
-      "w_gate": jax.random.normal(k_gate, (total, len(layer_sizes)), jnp.float32) * scale,
-      "W_e": jax.random.normal(k_e, (total, output_size), jnp.float32) * scale,
+      "w_gate": (jax.random.normal(k_gate, (total, len(layer_sizes)), jnp.float32)
+                 * scale).astype(dtype),
+      "W_e": (jax.random.normal(k_e, (total, output_size), jnp.float32) * scale).astype(dtype),
   }
 
 

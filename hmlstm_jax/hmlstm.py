@@ -634,11 +634,14 @@ def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConf
           _kernels(params))
 
 
+def _past_end_zero(valid, arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """Per-step arrays (T, B, ·) that are 0 past each row's end, not its kept state."""
+  return tuple(arrays) if valid is None else tuple(a * valid for a in arrays)
+
+
 def _masked(valid, outputs: UnrollOutputs) -> UnrollOutputs:
-  """Past a row's end its outputs are 0, not its kept state."""
-  if valid is None:
-    return outputs
-  return UnrollOutputs(h=tuple(h * valid for h in outputs.h), z=tuple(z * valid for z in outputs.z))
+  """:func:`_past_end_zero` of both outputs."""
+  return UnrollOutputs(h=_past_end_zero(valid, outputs.h), z=_past_end_zero(valid, outputs.z))
 
 
 class Internals(NamedTuple):
@@ -669,9 +672,8 @@ def internals(params, state: State, xs: jax.Array, slope, key: jax.Array | None 
                            bottom_up_1 if layer == 0 else None, config.st_local)
     d = config.layer_sizes[layer]
     z_tilde.append(boundary_lib.hard_sigmoid(s[..., 4 * d:4 * d + 1], slope))
-  keep = (lambda x: x) if valid is None else (lambda x: x * valid)
   return (final, _masked(valid, UnrollOutputs(h=hs, z=zs)),
-          Internals(c=tuple(map(keep, cs)), z_tilde=tuple(map(keep, z_tilde))))
+          Internals(c=_past_end_zero(valid, cs), z_tilde=_past_end_zero(valid, z_tilde)))
 
 
 def _row_flags(name: str, flags, shape: tuple, dtype):

@@ -211,9 +211,15 @@ def recurrence_and_output(params: dict, state: hmlstm.State, xs: jax.Array, slop
   else:
     final, outs = hmlstm.unroll(params["hmlstm"], state, xs, slope, key, config=rnn_config,
                                 deterministic=deterministic, fast_backward=fast_backward)
+  return final, outs, _head_input(params, config, outs.h)
+
+
+def _head_input(params: dict, config: RecurrentConfig, hs) -> jax.Array:
+  """h^e: the output module of Eq. 11-12 over every layer's h, or h^L with
+  ``output_head='top'``; ``hs`` per layer (..., d_ℓ), one step or stacked over time."""
   if config.output_head == "top":
-    return final, outs, outs.h[-1]
-  return final, outs, heads.output_module(params["output"], outs.h)
+    return hs[-1]
+  return heads.output_module(params["output"], hs)
 
 
 def recurrence_step(params: dict, state: hmlstm.State, x_t: jax.Array, slope,
@@ -234,9 +240,7 @@ def recurrence_step(params: dict, state: hmlstm.State, x_t: jax.Array, slope,
     state = hmlstm.step(params["hmlstm"], state, x_t, slope, key, config=rnn_config,
                         deterministic=deterministic, skip_copy=skip_copy)
     hs = tuple(layer.h for layer in state)
-  if config.output_head == "top":
-    return state, hs[-1]
-  return state, heads.output_module(params["output"], hs)
+  return state, _head_input(params, config, hs)
 
 
 def charlm_step(params: dict, state: hmlstm.State, token: jax.Array, slope,

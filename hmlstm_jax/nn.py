@@ -81,7 +81,6 @@ class OutputModule(nn.Module):
   @nn.compact
   def __call__(self, hs):
     """h^e from every layer's h (each (..., d_ℓ), the same leading shape)."""
-    weights = self.param("output", lambda key: jax.tree_util.tree_map(
-        lambda x: x.astype(self.param_dtype),
-        heads.init_output_module(key, self.layer_sizes, self.output_size)))
+    weights = self.param("output", heads.init_output_module, self.layer_sizes,
+                         self.output_size, self.param_dtype)
     return heads.output_module(weights, hs)

@@ -103,9 +103,8 @@ class OutputModule(nnx.Module):
 
   def __init__(self, layer_sizes: Sequence[int], output_size: int, *, rngs: nnx.Rngs,
                param_dtype=jnp.float32):
-    self.params = _params(jax.tree_util.tree_map(
-        lambda x: x.astype(param_dtype),
-        heads.init_output_module(rngs.params(), layer_sizes, output_size)))
+    self.params = _params(heads.init_output_module(rngs.params(), layer_sizes, output_size,
+                                                   param_dtype))
 
   @property
   def weights(self) -> dict:
