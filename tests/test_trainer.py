@@ -3,7 +3,10 @@
 Proof that ``hmlstm_jax.training`` knows no character LM, and unit tests of the trainer's
 parts (settings, workdir, checkpoints) that do not need a model.
 """
+import asyncio
 import dataclasses
+import gc
+import logging
 import os
 import subprocess
 import sys
@@ -288,6 +291,38 @@ def test_a_kill_right_after_any_checkpoint_write_resumes_to_the_same_results(tmp
     resumed = training.train_and_evaluate(worsening(), path)
     assert resumed["best_step"] == straight["best_step"]
     assert resumed["test"] == straight["test"]
+
+
+def _abandon_a_failed_read(message):
+  """An asyncio task fails with ``message`` and nobody retrieves it (as Orbax leaves the other
+  reads of a checkpoint when one fails); collecting it makes asyncio report it."""
+  loop = asyncio.new_event_loop()
+
+  async def read():
+    raise ValueError(message)
+
+  task = loop.create_task(read())
+  loop.run_until_complete(asyncio.wait([task]))  # waits without retrieving the exception
+  loop.close()
+  del task
+  gc.collect()
+
+
+def test_unretrieved_read_failures_of_a_checkpoint_moved_aside_are_not_reported(
+    tmp_path, caplog, monkeypatch):
+  """Issue 20, item 3, as CI met it: a "Task exception was never retrieved" traceback of the
+  moved checkpoint's reads reached stderr when the task was collected after the restore."""
+  monkeypatch.setattr(checkpoints._HUSH, "paths", set())
+  moved, other = (os.path.join(tmp_path, "checkpoints", s, "") for s in ("47", "470"))
+  caplog.set_level(logging.ERROR, logger="asyncio")
+  _abandon_a_failed_read(f"NOT_FOUND: metadata in {moved}state/ does not exist")
+  assert any("never retrieved" in r.getMessage() for r in caplog.records)  # asyncio reports it
+  checkpoints._hush_unretrieved(moved)
+  caplog.clear()
+  _abandon_a_failed_read(f"NOT_FOUND: metadata in {moved}state/ does not exist")
+  assert caplog.records == []
+  _abandon_a_failed_read(f"NOT_FOUND: metadata in {other}state/ does not exist")
+  assert len(caplog.records) == 1  # another checkpoint's failure is still reported
 
 
 def _poison_from(step_index, poison):

@@ -23,6 +23,7 @@ on which checkpoint is readable; process 0 moves the unreadable ones.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -77,6 +78,39 @@ def _quiet_threads() -> Iterator[list]:
     threading.excepthook, sys.stderr = previous_hook, previous_stderr
     for h in handlers:
       h.removeFilter(collect)
+
+
+class _HushUnretrieved(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports about the checkpoints in
+  ``paths``: reads of a checkpoint that was already reported unreadable and moved aside.
+
+  Orbax reads a checkpoint's arrays in asyncio tasks; when one read fails, the others' failures
+  are never retrieved, and asyncio reports each (a traceback with kilobytes of TensorStore spec)
+  whenever the task is garbage collected, which may be long after the restore returned.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.paths: set[str] = set()
+
+  def filter(self, record):
+    if not record.getMessage().startswith("Task exception was never retrieved"):
+      return True
+    text = record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else "")
+    return not any(path in text for path in self.paths)
+
+
+_HUSH = _HushUnretrieved()
+
+
+def _hush_unretrieved(path: str) -> None:
+  """From now on, asyncio's reports of never-retrieved failures that name ``path`` are dropped
+  (:class:`_HushUnretrieved`); the failures still pending are collected now."""
+  _HUSH.paths.add(path)
+  asyncio_logger = logging.getLogger("asyncio")
+  if _HUSH not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_HUSH)
+  gc.collect()
 
 
 def _replay(records: list) -> None:
@@ -161,6 +195,7 @@ class Checkpointer:
         _replay(records)
       except Exception as err:  # truncated or garbled files: Orbax raises many types
         error = err
+        _hush_unretrieved(os.path.join(self.directory, str(step), ""))
       if distributed.any_process(error is not None):  # unreadable for one is unreadable for all
         failures.append((step, error or RuntimeError("unreadable on another process")))
         continue
