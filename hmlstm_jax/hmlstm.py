@@ -288,7 +288,7 @@ def _layer_context(above: State, below: State, layer: int):
 
 
 def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: bool,
-                  skip_copy: bool = False):
+                  skip_copy: bool = False, one_step: bool = False):
   """The body of the forward loop for :func:`schedule.skewed_scan`: the given layers take
   one step each, in order, every one reading the state as the layers before it left it.
 
@@ -300,20 +300,27 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
   starts the step from the zero state; a row not ``valid`` keeps its state (its outputs are
   the kept state).
 
-  With ``skip_copy`` (:func:`step` only) a layer above the first whose rows all COPY does no
-  work: :func:`layer_needed` decides, ``lax.cond`` runs the layer or hands its state back.
+  With ``one_step`` (:func:`step`) ``kernels`` are :func:`cell.step_kernels` and each term of
+  Eq. 5-7 is its own matmul (:func:`_term_projections`). With ``skip_copy`` (:func:`step` only)
+  a layer above the first whose rows all COPY does no work (:func:`layer_needed` decides,
+  ``lax.cond`` runs the layer or hands its state back), and neither does a term whose gate is
+  0 in every row.
   """
   def layer_step(state, layer, bottom_up, noise, reset):
     # A reset zeroes the layer's own state; the h above it need not be: its term is gated by
     # z^ℓ_{t-1} (Eq. 6), which the reset zeroes.
     own = _zero_where(reset, state[layer])
     h_above, h_below, z_below = _layer_context(state, state, layer)
-    ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
-    projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
-    column = _local_detector_column(config, layer)
-    if column is not None:
-      projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
-                    for p, x, k in zip(projs, ins, kernels[layer]))
+    if one_step:
+      projs = _term_projections(config, layer, small[layer], kernels[layer], own, h_above,
+                                z_below, h_below, skip_copy)
+    else:
+      ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
+      projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
+      column = _local_detector_column(config, layer)
+      if column is not None:
+        projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
+                      for p, x, k in zip(projs, ins, kernels[layer]))
     c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
                           noise, config)
     return LayerState(h=h, c=c, z=z), projs
@@ -337,6 +344,35 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
       ys[layer] = (new.h, new.z) + ((new.c, projs) if keep_residuals else ())
     return tuple(state), tuple(ys)
   return body
+
+
+def _term_projections(config: HMLSTMConfig, layer: int, small: dict, parts: dict,
+                      own: LayerState, h_above, z_below, h_below, skip_copy: bool
+                      ) -> tuple[jax.Array, ...]:
+  """One step's matmul outputs of a layer, each term of Eq. 5-7 a matmul of its own
+  (:func:`cell.step_kernels`), in the form :func:`_layer_core` takes: the three terms apart
+  when they are normalised one by one, else their gated sum.
+
+  With ``skip_copy`` a gated term whose gate is 0 in every row (the top-down term while no
+  row has z^ℓ_{t-1}, the bottom-up one while none has z^(ℓ-1)_t) is zeros instead of a
+  matmul (``lax.cond``): the gate multiplies it by 0 either way, so s is the same.
+  """
+  column = _local_detector_column(config, layer)
+
+  def term(name, x, gate):
+    compute = lambda: cell.term_projection(x, parts[name], config.matmul_dtype, column)
+    if not skip_copy or gate is None:
+      return compute()
+    out = jax.eval_shape(compute)
+    return jax.lax.cond(jnp.any(gate != 0), compute, lambda: jnp.zeros(out.shape, out.dtype))
+
+  own_term = term("U", own.h, None)
+  top = term("U_top", h_above, own.z) if "U_top" in parts else None
+  bottom = term("W", h_below, z_below) if "W" in parts else None
+  if config.separate_terms:
+    return tuple(p for p in (own_term, top, bottom) if p is not None)
+  return (cell.gated_sum(small["b"].shape[-1], own_term, top, bottom, own.z, z_below,
+                         config.st_local),)
 
 
 def _zero_where(reset, tree):
@@ -530,27 +566,36 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     config: the :class:`HMLSTMConfig` (static).
     deterministic: evaluation mode; the ``'sample'`` variant then uses the step function.
     skip_copy: run a layer above the first only when some row leaves COPY (``lax.cond`` on
-      :func:`layer_needed`); otherwise its state is handed back untouched. The paper's
-      saving of COPY (Fig. 4) made real where one step runs at a time (sampling, streaming
-      inference at small batch): the same state, bit for bit when both are jitted (run
-      eagerly, the plain step goes op by op while the branch is compiled whole, and rounding
-      may differ in the last bit), the work of the layers that all rows COPY skipped. Under
-      ``vmap`` ``lax.cond`` becomes a select of both branches, and in a large batch some row
-      nearly always needs each layer: there it saves nothing; on a GPU it is slower (README).
+      :func:`layer_needed`; otherwise its state is handed back untouched), and a term of
+      Eq. 6-7 only when some row's gate opens it (the top-down term when z^ℓ_{t-1} = 1, the
+      bottom-up one when z^(ℓ-1)_t = 1; else zeros, which the gate would have made of it).
+      The paper's saving of COPY (Fig. 4) made real where one step runs at a time
+      (sampling, streaming inference at small batch): the same state, bit for bit when both
+      are jitted (run eagerly, the plain step goes op by op while the branch is compiled
+      whole, and rounding may differ in the last bit), the work that all rows skip not done.
+      For inference: the values are the same, but the straight-through gradient that would
+      reach a boundary through the skipped work (Eq. 2-4's blend, the gates of Eq. 6-7) is
+      not computed. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in a
+      large batch some row nearly always needs each layer: there it saves nothing; on a GPU
+      it is slower (README).
     valid: (B,) bool, or ``None`` (every row): rows where it is false keep their state (a
       padded step of a shorter sequence).
     reset: (B,) bool, or ``None``: rows where it is true start this step from the initial
       state (zeros), as at the start of a new document in a stream that carries state.
 
   Returns:
-    The state at t. Its ``h`` and ``z`` are the step's outputs. The layers run bottom to top
-    whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
+    The state at t. Its ``h`` and ``z`` are the step's outputs. Each term of Eq. 5-7 is a
+    matmul of its own here (:func:`cell.step_kernels`: faster one row at a time), fused in
+    :func:`unroll` without per-term layer norm: the same numbers up to rounding. The layers
+    run bottom to top whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
     :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
   """
   check_inputs(config, state, x_t, slope, time_major=False)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
-  body = _forward_body(_small_params(params), _kernels(params), slope, config, False, skip_copy)
+  kernels = tuple(cell.step_kernels(p, hoisted=layer == 0) for layer, p in enumerate(params))
+  body = _forward_body(_small_params(params), kernels, slope, config, False, skip_copy,
+                       one_step=True)
   valid, reset = (_row_flags(name, flag, (x_t.shape[0],), x_t.dtype)
                   for name, flag in (("valid", valid), ("reset", reset)))
   xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise,

@@ -493,6 +493,29 @@ def test_step_skipping_copy_layers_gives_the_same_bits(boundary, layer_norm, ext
     assert skipped > 0, "no layer was ever all-COPY: the test would not see a wrong skip"
 
 
+@pytest.mark.parametrize("layer_norm,extra", [(False, {}), (True, {}), ("sum", {"st_local": True})])
+def test_step_skipping_a_closed_term_gives_the_same_bits(layer_norm, extra):
+  """Within a layer that runs, ``skip_copy`` leaves out the top-down term while z^ℓ_{t-1} = 0
+  and the bottom-up term while z^(ℓ-1)_t = 0 (Eq. 6-7): both happen here (counted), and a
+  term left out under the wrong gate would change the state."""
+  config, params, _ = _setup("step", layer_norm, sizes=(4, 5, 6), boundary_bias=0.0, **extra)
+  xs = jax.random.normal(jax.random.key(3), (40, 1, D))
+  step = jax.jit(H.step, static_argnames=("config", "deterministic", "skip_copy"))
+  plain = skipping = H.initial_state(config, 1)
+  without_top = without_bottom = 0
+  for x_t in xs:
+    before = skipping
+    plain = step(params, plain, x_t, 1.5, config=config)
+    skipping = step(params, skipping, x_t, 1.5, config=config, skip_copy=True)
+    for layer in (1, 2):
+      z_prev, z_below = bool(before[layer].z[0, 0]), bool(skipping[layer - 1].z[0, 0])
+      without_top += layer == 1 and z_below and not z_prev
+      without_bottom += z_prev and not z_below
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(skipping)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert without_top > 0 and without_bottom > 0, (without_top, without_bottom)
+
+
 LENGTHS = (12, 5, 9)  # one per row of B = 3; T = 12
 
 
