@@ -97,7 +97,8 @@ def bottom_up_term(params: LayerParams, h_below: jax.Array, dtype: str | None = 
 KERNEL_COLUMN_MULTIPLE = 16
 
 
-def layer_kernels(params: LayerParams, hoisted: bool) -> tuple[jax.Array, ...]:
+def layer_kernels(params: LayerParams, hoisted: bool, apart: bool = False
+                  ) -> tuple[jax.Array, ...]:
   """The weight matrices of Eq. 5-7 as the matmuls of one step use them.
 
   Without layer norm: one fused kernel [W ; U ; U_top] (W left out when the bottom-up term is
@@ -107,58 +108,36 @@ def layer_kernels(params: LayerParams, hoisted: bool) -> tuple[jax.Array, ...]:
   kernel's R columns are padded with zeros to a multiple of :data:`KERNEL_COLUMN_MULTIPLE`
   (:func:`combine_terms` drops the padding). Computing these once before a scan keeps the
   concatenation and the padding out of the loop.
+
+  ``apart``: the kernels stay apart whatever the layer norm, as one time step
+  (:func:`hmlstm_jax.hmlstm.step`) uses them. One row at a time a matmul is a
+  matrix-vector product bound by reading the kernel: a term whose gate z is 0 in every row
+  then need not be read at all (``skip_copy``), and two short products beat one long one.
+  Measured on an AVX-512 Xeon (XLA:CPU, f32, one row, median of 9 alternating rounds):
+  512 × 2064 69 µs, the fused 1024 × 2064 186 µs.
   """
   names = ["U"] + (["U_top"] if "U_top" in params else [])
-  if "ln_U" in params:
+  if apart or "ln_U" in params:
     kernels = [params[n] for n in names + ([] if hoisted else ["W"])]
   else:
     names = ([] if hoisted else ["W"]) + names
     kernels = [jnp.concatenate([params[n] for n in names], axis=0)]
-  return tuple(_padded(k, params["b"].shape[-1]) for k in kernels)
-
-
-def _padded(kernel: jax.Array, rows: int) -> jax.Array:
-  """``kernel``'s R columns padded with zeros to a multiple of :data:`KERNEL_COLUMN_MULTIPLE`."""
+  rows = params["b"].shape[-1]
   pad = -rows % KERNEL_COLUMN_MULTIPLE
-  return jnp.pad(kernel, ((0, 0), (0, pad))) if pad else kernel
+  return tuple(jnp.pad(k, ((0, 0), (0, pad))) if pad else k for k in kernels)
 
 
-def step_kernels(params: LayerParams, hoisted: bool) -> dict[str, jax.Array]:
-  """The weight matrices of Eq. 5-7 as one time step (:func:`hmlstm_jax.hmlstm.step`) uses
-  them: per term (``'U'``, ``'U_top'`` unless last, ``'W'`` unless ``hoisted``) its own
-  kernel, padded as in :func:`layer_kernels`.
-
-  One step at a time a matmul is a matrix-vector product bound by reading the kernel, so the
-  terms stay apart whatever the layer norm: a term whose gate z is 0 in every row then need
-  not be read at all (:func:`hmlstm_jax.hmlstm.step` with ``skip_copy``), and two short
-  products beat one long one. Measured on an AVX-512 Xeon (XLA:CPU, f32, one row, median of
-  9 alternating rounds): 512 × 2064 69 µs, the fused 1024 × 2064 186 µs.
-  """
-  names = ["U"] + (["U_top"] if "U_top" in params else []) + ([] if hoisted else ["W"])
-  return {n: _padded(params[n], params["b"].shape[-1]) for n in names}
-
-
-def term_projection(x: jax.Array, kernel: jax.Array, dtype: str | None = None,
-                    detector_column: int | None = None) -> jax.Array:
-  """One term's x @ kernel (Eq. 5, 6 or 7, before layer norm and gate) with a
-  :func:`step_kernels` kernel; with ``detector_column`` (``st_local``) that column's gradient
-  reaches the kernel only (:func:`detach_detector_inputs`)."""
-  projection = matmul(x, kernel, dtype)
-  if detector_column is None:
-    return projection
-  return detach_detector_inputs(projection, x, kernel, detector_column, dtype)
-
-
-def gated_sum(rows: int, own: jax.Array, top: jax.Array | None, bottom: jax.Array | None,
-              z_prev: jax.Array, z_below: jax.Array, st_local: bool = False) -> jax.Array:
+def gated_sum(rows: int, projections: tuple[jax.Array, ...], gates: tuple,
+              st_local: bool = False) -> jax.Array:
   """U h^ℓ_{t-1} + z^ℓ_{t-1}·U_top h^(ℓ+1)_{t-1} + z^(ℓ-1)_t·W h^(ℓ-1)_t (Eq. 5-7 without the
-  bias) from the terms' projections (``None``: absent), cut to the layer's ``rows`` R; the
-  gates as in :func:`combine_terms`."""
+  bias) from the terms' projections apart (:func:`layer_kernels` with ``apart``) and their
+  gates (``None`` for the recurrent term), cut to the layer's ``rows`` R; the gates as in
+  :func:`combine_terms`."""
   gate_rows = 4 * (rows // 4)
-  s = own[..., :rows]
-  for z, term in ((z_prev, top), (z_below, bottom)):
-    if term is not None:
-      s = s + _gated(z, term[..., :rows], gate_rows, st_local)
+  s = 0
+  for gate, term in zip(gates, projections):
+    term = term[..., :rows]
+    s = s + (term if gate is None else _gated(gate, term, gate_rows, st_local))
   return s
 
 

@@ -300,8 +300,8 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
   starts the step from the zero state; a row not ``valid`` keeps its state (its outputs are
   the kept state).
 
-  With ``one_step`` (:func:`step`) ``kernels`` are :func:`cell.step_kernels` and each term of
-  Eq. 5-7 is its own matmul (:func:`_term_projections`). With ``skip_copy`` (:func:`step` only)
+  With ``one_step`` (:func:`step`) ``kernels`` are :func:`cell.layer_kernels` ``apart`` and
+  each term of Eq. 5-7 is its own matmul, gated after it. With ``skip_copy`` (:func:`step` only)
   a layer above the first whose rows all COPY does no work (:func:`layer_needed` decides,
   ``lax.cond`` runs the layer or hands its state back), and neither does a term whose gate is
   0 in every row.
@@ -311,16 +311,16 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
     # z^ℓ_{t-1} (Eq. 6), which the reset zeroes.
     own = _zero_where(reset, state[layer])
     h_above, h_below, z_below = _layer_context(state, state, layer)
-    if one_step:
-      projs = _term_projections(config, layer, small[layer], kernels[layer], own, h_above,
-                                z_below, h_below, skip_copy)
-    else:
-      ins = cell.matmul_inputs(config.separate_terms, own.h, own.z, h_above, z_below, h_below)
-      projs = tuple(cell.matmul(x, k, config.matmul_dtype) for x, k in zip(ins, kernels[layer]))
-      column = _local_detector_column(config, layer)
-      if column is not None:
-        projs = tuple(cell.detach_detector_inputs(p, x, k, column, config.matmul_dtype)
-                      for p, x, k in zip(projs, ins, kernels[layer]))
+    apart = one_step or config.separate_terms
+    ins = cell.matmul_inputs(apart, own.h, own.z, h_above, z_below, h_below)
+    # The gate of each of the terms apart (matmul_inputs' order), for skip_copy and the sum.
+    gates = ((None,) + ((own.z,) if h_above is not None else ())
+             + ((z_below,) if h_below is not None else ())) if apart else (None,)
+    column = _local_detector_column(config, layer)
+    projs = tuple(_projection(config, x, k, column, gate if skip_copy else None)
+                  for x, k, gate in zip(ins, kernels[layer], gates))
+    if apart and not config.separate_terms:
+      projs = (cell.gated_sum(small[layer]["b"].shape[-1], projs, gates, config.st_local),)
     c, h, z = _layer_core(small[layer], projs, bottom_up, own.c, own.h, own.z, z_below, slope,
                           noise, config)
     return LayerState(h=h, c=c, z=z), projs
@@ -346,33 +346,24 @@ def _forward_body(small, kernels, slope, config: HMLSTMConfig, keep_residuals: b
   return body
 
 
-def _term_projections(config: HMLSTMConfig, layer: int, small: dict, parts: dict,
-                      own: LayerState, h_above, z_below, h_below, skip_copy: bool
-                      ) -> tuple[jax.Array, ...]:
-  """One step's matmul outputs of a layer, each term of Eq. 5-7 a matmul of its own
-  (:func:`cell.step_kernels`), in the form :func:`_layer_core` takes: the three terms apart
-  when they are normalised one by one, else their gated sum.
+def _projection(config: HMLSTMConfig, x: jax.Array, kernel: jax.Array, column: int | None,
+                gate: jax.Array | None) -> jax.Array:
+  """x @ kernel, one matmul of Eq. 5-7; with ``column`` (``st_local``) that ž column's
+  gradient reaches the kernel only (:func:`cell.detach_detector_inputs`).
 
-  With ``skip_copy`` a gated term whose gate is 0 in every row (the top-down term while no
-  row has z^ℓ_{t-1}, the bottom-up one while none has z^(ℓ-1)_t) is zeros instead of a
-  matmul (``lax.cond``): the gate multiplies it by 0 either way, so s is the same.
+  With a ``gate`` (``skip_copy``, one step, the terms apart) a term whose gate is 0 in every
+  row (the top-down term while no row has z^ℓ_{t-1}, the bottom-up one while none has
+  z^(ℓ-1)_t) is zeros instead of a matmul (``lax.cond``): the gate multiplies it by 0 either
+  way, so s is the same.
   """
-  column = _local_detector_column(config, layer)
-
-  def term(name, x, gate):
-    compute = lambda: cell.term_projection(x, parts[name], config.matmul_dtype, column)
-    if not skip_copy or gate is None:
-      return compute()
-    out = jax.eval_shape(compute)
-    return jax.lax.cond(jnp.any(gate != 0), compute, lambda: jnp.zeros(out.shape, out.dtype))
-
-  own_term = term("U", own.h, None)
-  top = term("U_top", h_above, own.z) if "U_top" in parts else None
-  bottom = term("W", h_below, z_below) if "W" in parts else None
-  if config.separate_terms:
-    return tuple(p for p in (own_term, top, bottom) if p is not None)
-  return (cell.gated_sum(small["b"].shape[-1], own_term, top, bottom, own.z, z_below,
-                         config.st_local),)
+  def compute():
+    p = cell.matmul(x, kernel, config.matmul_dtype)
+    return p if column is None else cell.detach_detector_inputs(p, x, kernel, column,
+                                                                  config.matmul_dtype)
+  if gate is None:
+    return compute()
+  out = jax.eval_shape(compute)
+  return jax.lax.cond(jnp.any(gate != 0), compute, lambda: jnp.zeros(out.shape, out.dtype))
 
 
 def _zero_where(reset, tree):
@@ -585,7 +576,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
 
   Returns:
     The state at t. Its ``h`` and ``z`` are the step's outputs. Each term of Eq. 5-7 is a
-    matmul of its own here (:func:`cell.step_kernels`: faster one row at a time), fused in
+    matmul of its own here (:func:`cell.layer_kernels` ``apart``: faster one row at a time), fused in
     :func:`unroll` without per-term layer norm: the same numbers up to rounding. The layers
     run bottom to top whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
     :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
@@ -593,7 +584,8 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   check_inputs(config, state, x_t, slope, time_major=False)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
-  kernels = tuple(cell.step_kernels(p, hoisted=layer == 0) for layer, p in enumerate(params))
+  kernels = tuple(cell.layer_kernels(p, hoisted=layer == 0, apart=True)
+                  for layer, p in enumerate(params))
   body = _forward_body(_small_params(params), kernels, slope, config, False, skip_copy,
                        one_step=True)
   valid, reset = (_row_flags(name, flag, (x_t.shape[0],), x_t.dtype)
