@@ -94,9 +94,10 @@ class _HushUnretrieved(logging.Filter):
     self.paths: set[str] = set()
 
   def filter(self, record):
-    if not record.getMessage().startswith("Task exception was never retrieved"):
+    message = record.getMessage()
+    if not message.startswith("Task exception was never retrieved"):
       return True
-    text = record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else "")
+    text = message + (repr(record.exc_info[1]) if record.exc_info else "")
     return not any(path in text for path in self.paths)
 
 
