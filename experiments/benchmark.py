@@ -24,7 +24,7 @@ loop control) for the forward loops, the backward loops and the rest, and each o
 regions' wall time (:mod:`experiments.hlo`).
 
 ``--mode=loop`` measures what the trainer costs: the character LM at the shape, trained by the
-trainer's own loop (:meth:`hmlstm_jax.training.trainer.Run.train`: batches from the corpus,
+trainer's own loop (:meth:`hmlstm_jax.training.Run.train`: batches from the corpus,
 the slope schedule, metrics read back at every progress line, TensorBoard scalars) against the
 same mapped step called back to back on one batch already on the devices, in alternating
 rounds in one process. Validation and checkpoints are outside the timed rounds (their cost is
@@ -52,15 +52,11 @@ import optax
 
 from experiments import charlm
 from experiments import generation
-from experiments import hlo
 import hmlstm_jax as hm
-from hmlstm_jax import schedule
 from hmlstm_jax import files
-from hmlstm_jax.training import TrainConfig
-from hmlstm_jax.training import parallel
-from hmlstm_jax.training import steps
-from hmlstm_jax.training import trainer
-from hmlstm_jax.training.workdir import open_workdir
+from hmlstm_jax import profiling
+from hmlstm_jax import schedule
+from hmlstm_jax import training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +135,11 @@ class LSTMStack(nn.Module):
     return nn.Dense(self.vocab)(x).astype(jnp.float32)
 
 
+def _clipped_adam():
+  """The paper's clipping and Adam (the trainer's default optimiser) at lr 1e-3."""
+  return training.TrainConfig(learning_rate=1e-3).optimizer().transform
+
+
 def _nll(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
@@ -152,7 +153,7 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str |
   """
   config = generation.lm_config(shape, layer_norm=layer_norm, dtype=matmul_dtype,
                                 schedule=schedule)
-  opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
+  opt = _clipped_adam()
   params = hm.init_charlm(jax.random.key(0), config)
 
   def train_step(params, opt_state, state, inputs, targets, slope):
@@ -161,14 +162,14 @@ def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str |
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, jax.lax.stop_gradient(outs.final_state), loss
 
-  args = (params, opt.init(params), hm.initial_state(config.hmlstm, shape.batch))
+  args = (params, opt.init(params), hm.initial_state(config.rnn, shape.batch))
   return args, jax.jit(train_step, donate_argnums=(0, 1, 2))
 
 
 def make_lstm_step(shape: Shape, dtype: str | None = None):
   """(init_args, jitted step) for the Flax LSTM stack, same signature as the HM-LSTM's."""
   model = LSTMStack(shape.vocab, shape.embed, shape.layer_sizes, dtype)
-  opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
+  opt = _clipped_adam()
   params = model.init(jax.random.key(0), jnp.zeros((shape.batch, shape.steps), jnp.int32))
 
   def train_step(params, opt_state, state, inputs, targets, slope):
@@ -204,7 +205,7 @@ def make_cudnn_step(shape: Shape, dtype: str | None = None):
             "lstm": rnn.init_lstm_weight(k_w, shape.embed, d, L, False),
             "W": jax.random.normal(k_d, (d, shape.vocab)) / d ** 0.5,
             "b": jnp.zeros((shape.vocab,))}
-  opt = steps.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
+  opt = _clipped_adam()
 
   def loss_fn(p, inputs, targets):
     zeros = jnp.zeros((L, inputs.shape[0], d))
@@ -287,8 +288,8 @@ def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int
         "compile_s": run.compile_s,
         "peak_memory_mb": _peak_bytes(memory) / 2**20,
         "temp_memory_mb": memory.temp_size_in_bytes / 2**20,
-        "loop_matmuls_per_step": hlo.loop_matmul_counts(text),
-        "loop_matmul_chain": hlo.loop_matmul_depths(text)}}
+        "loop_matmuls_per_step": profiling.loop_matmul_counts(text),
+        "loop_matmul_chain": profiling.loop_matmul_depths(text)}}
   for i in range(warmup + iters):
     for model in models.values():
       t0 = time.perf_counter()
@@ -375,7 +376,7 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
 
 def profile_models(shape: Shape, runs: int = 3, layer_norm: bool = False,
                    dtype: str | None = None) -> dict:
-  """Where each model's step time goes at ``shape`` (:func:`hlo.profile`), in this process."""
+  """Where each model's step time goes at ``shape`` (:func:`profiling.profile`), in this process."""
   record = {"shape": dataclasses.asdict(shape), "layer_norm": layer_norm,
             "dtype": dtype or "float32",
             "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
@@ -383,13 +384,13 @@ def profile_models(shape: Shape, runs: int = 3, layer_norm: bool = False,
                      ("lstm", lambda s: make_lstm_step(s, dtype))):
     run = _Compiled(make, shape)
     run.step()  # warm-up, outside the trace
-    record[name] = hlo.profile(run.step, run.compiled.as_text(), runs)
+    record[name] = profiling.profile(run.step, run.compiled.as_text(), runs)
   return record
 
 
 def format_profiles(record: dict) -> str:
-  """Both models' breakdowns (:func:`hlo.format_profile`), one above the other."""
-  return "\n\n".join(hlo.format_profile(f"{record['shape']['name']} {model}", record[model])
+  """Both models' breakdowns (:func:`profiling.format_profile`), one above the other."""
+  return "\n\n".join(profiling.format_profile(f"{record['shape']['name']} {model}", record[model])
                       for model in ("hmlstm", "lstm"))
 
 
@@ -447,7 +448,7 @@ def loop_config(shape: Shape, num_steps: int, log_every: int, layer_norm: bool =
       num_samples=0,
       model=hm.CharLMConfig(layer_sizes=shape.layer_sizes, output_size=shape.output_size,
                             embed_size=shape.embed, layer_norm=layer_norm, matmul_dtype=dtype),
-      train=TrainConfig(batch_size=shape.batch, eval_batch_size=shape.batch, log_every=log_every,
+      train=training.TrainConfig(batch_size=shape.batch, eval_batch_size=shape.batch, log_every=log_every,
                         eval_every=10**9, checkpoint_every=10**9))
 
 
@@ -458,37 +459,33 @@ def time_trainer_loop(shape: Shape, rounds: int = 3, round_steps: int = 10, log_
   One warm-up round of each (compilation, the probe and the checkpoint write the loop does
   when it stops), then ``rounds`` alternating rounds of ``round_steps`` steps: the bare step
   (one batch placed on the devices once, the step dispatched back to back, timed to the
-  last result) and the trainer's loop (:meth:`~hmlstm_jax.training.trainer.Run.train` for
+  last result) and the trainer's loop (:meth:`~hmlstm_jax.training.Run.train` for
   ``round_steps`` steps, timed from the call to the arrival of its last progress line's
   scalars, so the checkpoint it writes on stopping is not counted).
   """
   if round_steps % log_every:
     raise ValueError(f"round_steps ({round_steps}) must be a multiple of log_every ({log_every})")
   config = loop_config(shape, (rounds + 1) * round_steps + 1, log_every, layer_norm, dtype)
-  devices = parallel.mesh_devices(None)
-  config.train.check_devices(len(devices))
   with tempfile.TemporaryDirectory() as tmp, \
-      open_workdir(os.path.join(tmp, "run"), config) as workdir, trainer.Signals() as signals:
-    run = trainer.Run(charlm.CharLM(config), workdir, devices)
-    run.restore()
+      training.open_run(charlm.CharLM(config), os.path.join(tmp, "run")) as run:
     clock = _ProgressClock()
     bare_state = run.mapped.put_state(run.template)
     placed = run.mapped.place(run.data.train[1])
-    slope = config.train.slope(0.0)
+    schedule = run.schedule(0)
 
     def bare() -> float:
       nonlocal bare_state
       t0 = time.perf_counter()
       for _ in range(round_steps):
-        bare_state, out = run.mapped.train_placed(bare_state, placed, slope, False)
+        bare_state, out = run.mapped.train_placed(bare_state, placed, schedule, False)
       jax.block_until_ready((bare_state, out))
       return time.perf_counter() - t0
 
     def loop() -> float:
       with contextlib.redirect_stdout(io.StringIO()):  # the trainer's own progress lines
         t0 = time.perf_counter()
-        status = run.train(signals, clock, max_steps=round_steps)
-      if status != "preempted" or signals.requested:
+        status = run.train(clock, max_steps=round_steps)
+      if status != "preempted" or run.signals.requested:
         raise RuntimeError("the trainer's loop stopped before the round's last step")
       return clock.times[run.step] - t0
 
@@ -505,7 +502,7 @@ def time_trainer_loop(shape: Shape, rounds: int = 3, round_steps: int = 10, log_
       "shape": dataclasses.asdict(shape),
       "layer_norm": layer_norm,
       "dtype": dtype or "float32",
-      "device": f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}",
+      "device": f"{run.devices[0].platform}:{run.devices[0].device_kind} x{len(run.devices)}",
       "vocab": run.experiment.model.vocab_size,
       "rounds": rounds, "round_steps": round_steps, "log_every": log_every,
       "bare_tokens_per_s": [tokens / t for t in bare_s],

@@ -23,10 +23,14 @@ import os
 import jax
 import jax.numpy as jnp
 
+from experiments.common import DataDirs
+from experiments.common import SlopeAnnealing
 from hmlstm_jax import analysis
-from hmlstm_jax import data
+from hmlstm_jax import backbone
 from hmlstm_jax import hmlstm
-from hmlstm_jax import models
+from hmlstm_jax.charlm import data
+from hmlstm_jax.charlm import model as models
+from hmlstm_jax.charlm import report as charlm_report
 from hmlstm_jax.settings import nested
 from hmlstm_jax.settings import setting
 from hmlstm_jax.training import Data
@@ -41,11 +45,7 @@ class Config:
   """A character-LM run: the corpus, the model (nested), the trainer (nested), the report."""
   dataset: str = setting("synthetic", "Corpus: 'synthetic' (generated, no download), 'ptb', "
                          "'text8' or 'enwik8'.", choices=data.DATASETS)
-  data_dir: str | None = setting(None, "TFDS data directory (default ~/tensorflow_datasets).",
-                                 changeable=True)
-  manual_dir: str | None = setting(
-      None, "Directory holding a pre-downloaded archive (text8.zip, enwik8.zip, "
-      "simple-examples.tgz); default <data_dir>/downloads/manual.", changeable=True)
+  dirs: DataDirs = nested(DataDirs)
   synthetic_chars: int = setting(200_000, "Training characters of the synthetic corpus "
                                  "(validation and test: a tenth each).")
   synthetic_seed: int = setting(0, "Seed of the synthetic corpus's grammar and text.")
@@ -68,7 +68,7 @@ class Config:
         raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
-class CharLM(Experiment):
+class CharLM(SlopeAnnealing, Experiment):
   """The character LM of §4.1 as an experiment of the shared trainer."""
   objective = "nll"
 
@@ -78,7 +78,7 @@ class CharLM(Experiment):
 
   def load_data(self, hosts) -> Data:
     c, t = self.config, self.config.train
-    corpus = data.load(c.dataset, data_dir=c.data_dir, manual_dir=c.manual_dir,
+    corpus = data.load(c.dataset, data_dir=c.dirs.data_dir, manual_dir=c.dirs.manual_dir,
                        synthetic_seed=c.synthetic_seed, synthetic_chars=c.synthetic_chars)
     self.corpus = corpus
     self.label_names = list(analysis.with_next_step(corpus.labels["validation"]))  # print order
@@ -107,12 +107,12 @@ class CharLM(Experiment):
     return models.init_charlm(key, self.model)
 
   def init_carry(self, rows: int):
-    return hmlstm.initial_state(self.model.hmlstm, rows)
+    return hmlstm.initial_state(self.model.rnn, rows)
 
   def loss(self, params, carry, batch, slope, key):
     nll, outs = models.charlm_loss(params, carry, batch.inputs, batch.targets, slope, key,
                                    config=self.model)
-    penalty = models.boundary_penalty(outs.rnn, self.model)
+    penalty = backbone.boundary_penalty(outs.rnn, self.model)
     return nll + penalty, (outs.final_state, {"nll": nll, "rate_penalty": penalty,
                                               **analysis.boundary_rates(outs.rnn)})
 
@@ -150,15 +150,15 @@ class CharLM(Experiment):
     c, corpus, out, lines = self.config, self.corpus, {}, []
     if self.model.model == "hmlstm" and c.figure_chars:
       text_ids = corpus.splits["validation"][:c.figure_chars]
-      z, h_norm = analysis.passage(params, self.model, text_ids, slope)
+      z, h_norm = charlm_report.passage(params, self.model, text_ids, slope)
       figure = os.path.join(workdir, "boundaries.png")
-      analysis.boundary_figure(figure, corpus.vocab.decode(text_ids), z, h_norm,
+      charlm_report.boundary_figure(figure, corpus.vocab.decode(text_ids), z, h_norm,
                                title=f"{c.dataset}: boundaries z and ‖h‖ on validation text")
       out["figure"] = figure
       lines.append(f"figure: {figure}")
     if c.num_samples and c.sample_chars:
       prompt = corpus.splits["validation"][:50]
-      samples = analysis.sample(params, self.model, prompt, c.sample_chars,
+      samples = charlm_report.sample(params, self.model, prompt, c.sample_chars,
                                 jax.random.key(c.train.seed + 1), c.num_samples, slope)
       out["samples"] = [corpus.vocab.decode(s) for s in samples]
       lines.append(f"samples after {corpus.vocab.decode(prompt)!r}:")

@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 
 import hmlstm_jax as hm
-from hmlstm_jax import hmlstm
-from hmlstm_jax import models
+from hmlstm_jax import charlm
 
 #: Models timed, in this order: (name, model, skip_copy).
 MODELS = (("hm-skip", "hmlstm", True), ("hm-dense", "hmlstm", False),
@@ -79,7 +78,7 @@ def with_detector_biases(params: dict, biases: Sequence[float]) -> dict:
 def make_sampler(config: hm.CharLMConfig, batch: int, num_chars: int, skip_copy: bool):
   """A jitted ``run(params, key) -> (tokens (B, N), row_share (L,), step_share (L,))``:
   ``num_chars`` symbols drawn from the softmax and fed back one step at a time
-  (:func:`models.charlm_step`), from the initial state. ``row_share``: per layer the share
+  (:func:`charlm.charlm_step`), from the initial state. ``row_share``: per layer the share
   of (row, step) pairs that leave COPY; ``step_share``: of steps on which any row does."""
   L = len(config.layer_sizes)
 
@@ -87,7 +86,7 @@ def make_sampler(config: hm.CharLMConfig, batch: int, num_chars: int, skip_copy:
   def run(params, key):
     def body(carry, k):
       state, token = carry
-      logits, new = models.charlm_step(params, state, token, 1.0, config=config,
+      logits, new = charlm.charlm_step(params, state, token, 1.0, config=config,
                                        skip_copy=skip_copy)
       if config.model == "lstm":
         needed = jnp.ones((L, batch), bool)
@@ -98,7 +97,7 @@ def make_sampler(config: hm.CharLMConfig, batch: int, num_chars: int, skip_copy:
       token = jax.random.categorical(k, logits).astype(jnp.int32)
       return (new, token), (token, needed)
 
-    init = (hm.initial_state(config.hmlstm, batch), jnp.zeros((batch,), jnp.int32))
+    init = (hm.initial_state(config.rnn, batch), jnp.zeros((batch,), jnp.int32))
     _, (tokens, needed) = jax.lax.scan(body, init, jax.random.split(key, num_chars))
     return tokens.T, jnp.mean(needed, axis=(0, 2)), jnp.mean(jnp.any(needed, axis=2), axis=0)
 

@@ -19,12 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import DataDirs
+from experiments.common import SlopeAnnealing
 from hmlstm_jax import analysis
+from hmlstm_jax import backbone
 from hmlstm_jax import handwriting as hw
-from hmlstm_jax import handwriting_report as report
 from hmlstm_jax import hmlstm
-from hmlstm_jax import models
-from hmlstm_jax.data import strokes
+from hmlstm_jax.handwriting import data
+from hmlstm_jax.handwriting import report
+from hmlstm_jax.handwriting.data import strokes
 from hmlstm_jax.settings import nested
 from hmlstm_jax.settings import setting
 from hmlstm_jax.training import Data
@@ -32,19 +35,14 @@ from hmlstm_jax.training import Experiment
 from hmlstm_jax.training import TrainConfig
 
 FLAGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
-DATASETS = ("synthetic", "iam_ondb")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """A handwriting run: the data, the model (nested), the trainer (nested), the report."""
   dataset: str = setting("synthetic", "'synthetic' (generated, no download) or 'iam_ondb' "
-                         "(IAM-OnDB, manual download after registration).", choices=DATASETS)
-  data_dir: str | None = setting(None, "TFDS data directory (default ~/tensorflow_datasets).",
-                                 changeable=True)
-  manual_dir: str | None = setting(
-      None, "Directory holding IAM-OnDB's lineStrokes-all.tar.gz and the task IAM-OnDB-t1 lists "
-      "(trainset.txt, testset_v/t/f.txt); default <data_dir>/downloads/manual.", changeable=True)
+                         "(IAM-OnDB, manual download after registration).", choices=data.DATASETS)
+  dirs: DataDirs = nested(DataDirs)
   synthetic_lines: int = setting(1500, "Training lines of synthetic handwriting (validation "
                                  "and test: a tenth each).")
   synthetic_seed: int = setting(0, "Seed of the synthetic alphabet, vocabulary and lines.")
@@ -59,8 +57,8 @@ class Config:
   train: TrainConfig = nested(TrainConfig)
 
   def __post_init__(self):
-    if self.dataset not in DATASETS:
-      raise ValueError(f"unknown dataset {self.dataset!r}; choose from {DATASETS}")
+    if self.dataset not in data.DATASETS:
+      raise ValueError(f"unknown dataset {self.dataset!r}; choose from {data.DATASETS}")
     for name in ("synthetic_lines", "min_length", "length_multiple"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -73,24 +71,7 @@ class Config:
         raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
-def _splits(config: Config):
-  """Per split (list of (N, 3) raw offsets, list of label dicts), and the normaliser stored
-  with the dataset (IAM-OnDB) or None (fitted here on the training split)."""
-  if config.dataset == "iam_ondb":
-    from hmlstm_jax.data import iam_ondb  # imports tensorflow_datasets: only when needed
-    data = iam_ondb.load_iam_ondb(config.data_dir, config.manual_dir)
-    return {split: ([strokes.to_offsets(p) for p in points],
-                    [{"stroke": p[:, 2] > 0} for p in points])  # stroke ends = pen-ups
-            for split, points in data.splits.items()}, data.normalizer
-  n = config.synthetic_lines
-  lines = strokes.synthetic_lines(config.synthetic_seed, n + 2 * max(n // 10, 1))
-  cut = {"train": slice(0, n), "validation": slice(n, n + max(n // 10, 1)),
-         "test": slice(n + max(n // 10, 1), None)}
-  return {split: ([strokes.to_offsets(p) for p in lines.points[s]], lines.labels[s])
-          for split, s in cut.items()}, None
-
-
-class Handwriting(Experiment):
+class Handwriting(SlopeAnnealing, Experiment):
   """Handwriting (§4.2) as an experiment of the shared trainer."""
   objective = "nll_per_sequence"
 
@@ -101,7 +82,9 @@ class Handwriting(Experiment):
   def load_data(self, hosts) -> Data:
     c, t = self.config, self.config.train
     splits = {}
-    raw, normalizer = _splits(c)
+    raw, normalizer = data.load_splits(
+        c.dataset, data_dir=c.dirs.data_dir, manual_dir=c.dirs.manual_dir,
+        synthetic_seed=c.synthetic_seed, synthetic_lines=c.synthetic_lines)
     for split, (offsets, labels) in raw.items():
       keep = [i for i, o in enumerate(offsets) if len(o) >= c.min_length]
       splits[split] = ([offsets[i] for i in keep], [labels[i] for i in keep])
@@ -138,7 +121,7 @@ class Handwriting(Experiment):
   def loss(self, params, carry, batch, slope, key):
     nll, outs = hw.handwriting_loss(params, batch.inputs, batch.targets, batch.mask, slope, key,
                                     config=self.model)
-    penalty = models.boundary_penalty(outs.rnn, self.model, batch.mask)
+    penalty = backbone.boundary_penalty(outs.rnn, self.model, batch.mask)
     return nll + penalty, (carry, {"nll": nll, "rate_penalty": penalty,
                                    **analysis.boundary_rates(outs.rnn, batch.mask)})
 
@@ -155,7 +138,7 @@ class Handwriting(Experiment):
     out = {"loglik": jnp.sum(sums), "sequences": jnp.sum(jnp.sum(batch.mask, axis=1) > 0).astype(jnp.float32),
            "points": jnp.sum(batch.mask)}
     if outs.rnn.z:
-      initial = hmlstm.initial_state(self.model.hmlstm, batch.inputs.shape[0])
+      initial = hmlstm.initial_state(self.model.rnn, batch.inputs.shape[0])
       out.update(analysis.boundary_sums(initial, outs.rnn, batch.labels, batch.mask))
     return carry, out
 

@@ -170,7 +170,7 @@ def summary(runs: list[dict]) -> dict:
   out = {"parameters": runs[0]["parameters"], "steps": runs[0]["steps"], "seeds": len(runs),
          "wall_s": float(np.mean([r.get("wall_s", 0.0) for r in runs])),
          "diverged": diverged,
-         "valid_bpc": stat([r["valid"]["bpc"] for r in runs]),
+         "valid_bpc": stat([r.get("validation", r.get("valid"))["bpc"] for r in runs]),
          "test_bpc": stat([r["test"]["bpc"] for r in runs])}
   if "op_counts" in runs[0]["test"]:
     counts = np.asarray([r["test"]["op_counts"] for r in runs], np.float64)  # seeds, layers, ops
@@ -263,7 +263,7 @@ def main(argv):
     raise app.UsageError(f"--seeds must be integers, got {FLAGS.seeds}") from None
   if not seeds:
     raise app.UsageError("--seeds is empty")
-  from hmlstm_jax.data import corpora  # the files its builder reads; imports TFDS
+  from hmlstm_jax.charlm.data import corpora  # the files its builder reads; imports TFDS
   missing = [f for f in corpora.PtbCharStudy.FILES
              if not os.path.isfile(os.path.join(FLAGS.manual_dir, f))]
   if missing:

@@ -10,6 +10,13 @@ from hmlstm_jax.boundary import slope_schedule
 from hmlstm_jax.boundary import straight_through_boundary
 from hmlstm_jax.cell import layer_update
 from hmlstm_jax.cell import pre_activation
+from hmlstm_jax.backbone import RecurrentConfig
+from hmlstm_jax.charlm import CharLMConfig
+from hmlstm_jax.charlm import CharLMOutputs
+from hmlstm_jax.charlm import charlm_apply
+from hmlstm_jax.charlm import charlm_loss
+from hmlstm_jax.charlm import charlm_step
+from hmlstm_jax.charlm import init_charlm
 from hmlstm_jax.handwriting import HandwritingConfig
 from hmlstm_jax.handwriting import handwriting_apply
 from hmlstm_jax.handwriting import handwriting_loss
@@ -23,6 +30,7 @@ from hmlstm_jax.hmlstm import COPY
 from hmlstm_jax.hmlstm import FLUSH
 from hmlstm_jax.hmlstm import UPDATE
 from hmlstm_jax.hmlstm import HMLSTMConfig
+from hmlstm_jax.hmlstm import HMLSTMSettings
 from hmlstm_jax.hmlstm import LayerState
 from hmlstm_jax.hmlstm import State
 from hmlstm_jax.hmlstm import UnrollOutputs
@@ -35,13 +43,6 @@ from hmlstm_jax.hmlstm import operation_counts
 from hmlstm_jax.hmlstm import operations
 from hmlstm_jax.hmlstm import step
 from hmlstm_jax.hmlstm import unroll
-from hmlstm_jax.models import CharLMConfig
-from hmlstm_jax.models import RecurrentConfig
-from hmlstm_jax.models import CharLMOutputs
-from hmlstm_jax.models import charlm_apply
-from hmlstm_jax.models import charlm_loss
-from hmlstm_jax.models import charlm_step
-from hmlstm_jax.models import init_charlm
 from hmlstm_jax.nn import HMLSTM
 from hmlstm_jax.nn import OutputModule
 from hmlstm_jax import nnx
@@ -50,7 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BOUNDARY_VARIANTS", "COPY", "FLUSH", "UPDATE", "CharLMConfig", "CharLMOutputs", "HMLSTM",
-    "HMLSTMConfig", "HandwritingConfig", "Internals", "LayerState", "OutputModule", "RecurrentConfig", "State",
+    "HMLSTMConfig", "HMLSTMSettings", "HandwritingConfig", "Internals", "LayerState", "OutputModule", "RecurrentConfig", "State",
     "UnrollOutputs", "boundary_noise", "f_bound", "handwriting_apply", "handwriting_loss",
     "init_handwriting", "sequence_log_likelihoods",
     "charlm_apply", "charlm_loss", "charlm_step", "hard_sigmoid", "init_charlm", "init_output_module",

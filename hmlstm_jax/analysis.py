@@ -1,10 +1,10 @@
-"""What the boundaries learned: update counts, boundary F1, the Fig. 3-4 figure, samples.
+"""What the boundaries learned, for either task: update counts, boundary rates, precision,
+recall and F1 against labels, their report lines, and the PNG helpers of the figures.
 
-* Boundary scoring: layer ℓ's z^ℓ_t against a per-position label (a word separator, a
-  phrase end); precision = P(label | z = 1), recall = P(z = 1 | label), F1 their harmonic mean.
-  z^ℓ_t is produced after reading x_t, so it is compared with the label of x_t itself.
-* The figure follows the paper's Fig. 3-4: a passage of text, one row of cells per layer with
-  a boundary detector beneath it (filled where z = 1), and the ℓ2-norm of every layer's h.
+Boundary scoring: layer ℓ's z^ℓ_t against a per-position label (a word separator, a phrase
+end, a pen-up); precision = P(label | z = 1), recall = P(z = 1 | label), F1 their harmonic
+mean. z^ℓ_t is produced after reading x_t, so it is compared with the label of x_t itself
+(and, with :func:`with_next_step`, with the label one step later).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import numpy as np
 
 from hmlstm_jax import files
 from hmlstm_jax import hmlstm
-from hmlstm_jax import models
 
 
 def boundary_counts(z: jax.Array, labels: dict[str, jax.Array],
@@ -106,51 +105,6 @@ def precision_recall_f1(counts: np.ndarray) -> np.ndarray:
   return np.stack([precision, recall, f1], axis=1)
 
 
-def passage(params, config: models.CharLMConfig, tokens: np.ndarray, slope: float):
-  """Runs one stream from the zero state; returns z (L, N) and ‖h^ℓ_t‖ (L, N)."""
-  tokens = jnp.asarray(tokens, jnp.int32)[None]
-  _, outs = jax.jit(models.charlm_apply, static_argnames=("config", "deterministic"))(
-      params, hmlstm.initial_state(config.hmlstm, 1), tokens, slope, config=config,
-      deterministic=True)
-  h_norm = np.stack([np.linalg.norm(np.asarray(h)[:, 0], axis=-1) for h in outs.rnn.h])
-  z = np.stack([np.asarray(z)[:, 0, 0] for z in outs.rnn.z]) if outs.rnn.z else np.zeros((0, tokens.shape[1]))
-  return z, h_norm
-
-
-def boundary_figure(path: str, text: str, z: np.ndarray, h_norm: np.ndarray, title: str = "",
-                    chars_per_row: int = 60) -> None:
-  """Writes the Fig. 3-4 style PNG to ``path`` atomically (temporary file, then rename).
-
-  Args:
-    text: the passage, one character per step (newlines shown as '⏎', spaces as '␣').
-    z: (L, N) boundaries; rows of layers without a detector (the last) are skipped.
-    h_norm: (L, N) norms of h^ℓ_t.
-  """
-  plt = pyplot()
-  n = len(text)
-  detectors = z[:-1] if len(z) else z
-  chunks = [(s, min(s + chars_per_row, n)) for s in range(0, n, chars_per_row)]
-  fig, axes = plt.subplots(len(chunks) + 1, 1, figsize=(chars_per_row * 0.22, 1.2 * len(chunks) + 2.5),
-                           gridspec_kw={"height_ratios": [1] * len(chunks) + [2]})
-  for ax, (s, e) in zip(axes, chunks):
-    rows = max(len(detectors), 1)
-    ax.imshow(detectors[:, s:e] if len(detectors) else np.zeros((1, e - s)), cmap="Greys",
-              vmin=0, vmax=1, aspect="auto", extent=(-0.5, e - s - 0.5, rows - 0.5, -0.5))
-    ax.set_yticks(range(rows), [f"z{l + 1}" for l in range(rows)], fontsize=7)
-    ax.set_xticks(range(e - s), [{"\n": "⏎", " ": "␣"}.get(c, c) for c in text[s:e]], fontsize=7,
-                  family="monospace")
-    ax.tick_params(axis="x", length=0, labeltop=True, labelbottom=False)
-    ax.set_xlim(-0.5, chars_per_row - 0.5)
-  for l, norms in enumerate(h_norm):
-    axes[-1].plot(norms, label=f"‖h{l + 1}‖", linewidth=1)
-  axes[-1].set_xlim(0, max(n - 1, 1))
-  axes[-1].set_xlabel("step")
-  axes[-1].legend(fontsize=7, loc="upper right")
-  if title:
-    axes[0].set_title(title, fontsize=9)
-  save_png(fig, path)
-
-
 def pyplot():
   """matplotlib.pyplot with a file backend, or a clear error naming the extra to install."""
   try:
@@ -188,28 +142,3 @@ def boundary_lines(boundaries: dict, unit: str = "ends") -> list[str]:
       where = f"{label[:-2]} {unit} +1 step" if label.endswith("+1") else f"{label} {unit}"
       lines.append(f"  z{l + 1} vs {where}: precision {p:.3f}  recall {r:.3f}  F1 {f:.3f}")
   return lines
-
-
-def sample(params, config: models.CharLMConfig, prompt: np.ndarray, num_chars: int,
-           key: jax.Array, num_samples: int, slope: float) -> np.ndarray:
-  """Sampled continuations: reads ``prompt`` (ids), then draws ``num_chars`` symbols from the
-  model's softmax, feeding each back one step at a time (:func:`models.charlm_step`, the
-  HM-LSTM's all-COPY layers skipped); returns (num_samples, num_chars) ids."""
-  prompt = jnp.broadcast_to(jnp.asarray(prompt, jnp.int32), (num_samples, len(prompt)))
-
-  @jax.jit
-  def run(key):
-    logits, outs = models.charlm_apply(params, hmlstm.initial_state(config.hmlstm, num_samples),
-                                       prompt, slope, config=config, deterministic=True)
-
-    def body(carry, k):
-      state, last_logits = carry
-      token = jax.random.categorical(k, last_logits)
-      logits, state = models.charlm_step(params, state, token, slope, config=config,
-                                         skip_copy=True)
-      return (state, logits), token
-
-    _, tokens = jax.lax.scan(body, (outs.final_state, logits[:, -1]), jax.random.split(key, num_chars))
-    return tokens.T
-
-  return np.asarray(run(key))

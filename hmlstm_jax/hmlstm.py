@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import cell
 from hmlstm_jax import schedule as schedule_lib
+from hmlstm_jax.settings import setting
 
 # Codes of the operation table (decisions.md §1), as returned by `operations`.
 COPY, UPDATE, FLUSH = 0, 1, 2
@@ -32,7 +33,69 @@ LN_PLACEMENTS = ("terms", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
-class HMLSTMConfig:
+class HMLSTMSettings:
+  """The HM-LSTM's settings apart from its input width, each declared once: the experiments'
+  model configs extend this class, so that each is also an absl flag with this help
+  (:mod:`hmlstm_jax.settings`). Attributes as in :class:`HMLSTMConfig`."""
+  layer_sizes: tuple[int, ...] = setting((512, 512, 512), "Units per layer, e.g. 512,512,512.")
+  boundary: str = setting("step", "Boundary function f_bound (Eq. 8): step, sample (Bernoulli) "
+                          "or soft (hard sigmoid).", choices=boundary_lib.BOUNDARY_VARIANTS)
+  layer_norm: bool = setting(False, "Layer normalisation (the paper's best results use it).")
+  matmul_dtype: str | None = setting(
+      None, "Matmul operand dtype (bfloat16: float32 accumulation and element-wise math).",
+      choices={"float32": None, "bfloat16": "bfloat16"})
+  ln_gain: float = setting(1.0, "Layer-norm gains at initialisation (Ba et al.: 1).")
+  boundary_bias: float = setting(0.0, "Initial bias of the boundary detectors' rows (0: about "
+                                 "half the steps end a segment at first; negative: fewer).")
+  ln_boundary: bool = setting(False, "With layer_norm, normalise the boundary rows too (their "
+                              "own gain and bias; by default they are left raw).")
+  schedule: str = setting("layers", "Order of the recurrence's layer-steps: layers (each step's "
+                          "layers bottom to top) or two_phase (shorter dependent chain; same "
+                          "numbers).", choices=schedule_lib.SCHEDULES)
+  ln_placement: str = setting("terms", "With layer_norm, what is normalised: terms (each of "
+                              "Eq. 5-7's terms on its own, then gated) or sum (their gated sum, "
+                              "once).", choices=LN_PLACEMENTS)
+  ln_cell: bool = setting(True, "With layer_norm, normalise c inside the tanh of Eq. 3.")
+  st_gradient: str = setting("hard_sigmoid", "Straight-through derivative of the boundary: "
+                             "hard_sigmoid (the paper's: a/2 inside |a x| < 1, else 0), linear "
+                             "(a/2 everywhere) or sigmoid (of sigmoid(2 a x)).",
+                             choices=boundary_lib.ST_GRADIENTS)
+  st_local: bool = setting(False, "Not the paper's: the straight-through gradient trains each "
+                           "detector's own weights and stops there (not into the states it read; "
+                           "the forward pass is unchanged).")
+
+  def __post_init__(self):
+    object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
+    if not self.ln_gain > 0:
+      raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
+    if self.st_local and self.ln_boundary:
+      raise ValueError("st_local cuts the boundary row's gradient into the states, which "
+                       "ln_boundary mixes with the gate rows' statistics: use one of the two")
+    if self.ln_boundary and not self.layer_norm:
+      raise ValueError("ln_boundary normalises the boundary rows under layer norm: "
+                       "set layer_norm too, or leave ln_boundary off")
+    if not self.layer_sizes or any(not isinstance(d, int) or d < 1 for d in self.layer_sizes):
+      raise ValueError(f"layer_sizes must be a non-empty sequence of positive ints, got {self.layer_sizes!r}")
+    if self.boundary not in boundary_lib.BOUNDARY_VARIANTS:
+      raise ValueError(f"boundary must be one of {boundary_lib.BOUNDARY_VARIANTS}, got {self.boundary!r}")
+    if self.ln_placement not in LN_PLACEMENTS:
+      raise ValueError(f"ln_placement must be one of {LN_PLACEMENTS}, got {self.ln_placement!r}")
+    if self.st_gradient not in boundary_lib.ST_GRADIENTS:
+      raise ValueError(f"st_gradient must be one of {boundary_lib.ST_GRADIENTS}, "
+                       f"got {self.st_gradient!r}")
+    if self.schedule not in schedule_lib.SCHEDULES:
+      raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {self.schedule!r}")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
+
+  def with_input(self, input_size: int) -> "HMLSTMConfig":
+    """The :class:`HMLSTMConfig` of these settings reading inputs of ``input_size``."""
+    return HMLSTMConfig(input_size=input_size, **{
+        f.name: getattr(self, f.name) for f in dataclasses.fields(HMLSTMSettings)})
+
+
+@dataclasses.dataclass(frozen=True)
+class HMLSTMConfig(HMLSTMSettings):
   """Static description of an HM-LSTM stack (hashable: pass it as a static jit argument).
 
   Attributes:
@@ -73,45 +136,12 @@ class HMLSTMConfig:
       ``'two_phase'`` (the layers of a step run in two independent phases; dependent chain
       2T + L − 2 instead of L·T). The same numbers bit for bit.
   """
-  input_size: int
-  layer_sizes: tuple[int, ...]
-  boundary: str = "step"
-  layer_norm: bool = False
-  matmul_dtype: str | None = None
-  ln_gain: float = 1.0
-  boundary_bias: float = 0.0
-  ln_boundary: bool = False
-  schedule: str = "layers"
-  ln_placement: str = "terms"
-  ln_cell: bool = True
-  st_gradient: str = "hard_sigmoid"
-  st_local: bool = False
+  input_size: int = dataclasses.field(kw_only=True)
 
   def __post_init__(self):
-    object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
-    if not self.ln_gain > 0:
-      raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
-    if self.st_local and self.ln_boundary:
-      raise ValueError("st_local cuts the boundary row's gradient into the states, which "
-                       "ln_boundary mixes with the gate rows' statistics: use one of the two")
-    if self.ln_boundary and not self.layer_norm:
-      raise ValueError("ln_boundary normalises the boundary rows under layer norm: "
-                       "set layer_norm too, or leave ln_boundary off")
+    super().__post_init__()
     if not isinstance(self.input_size, int) or self.input_size < 1:
       raise ValueError(f"input_size must be a positive int, got {self.input_size!r}")
-    if not self.layer_sizes or any(not isinstance(d, int) or d < 1 for d in self.layer_sizes):
-      raise ValueError(f"layer_sizes must be a non-empty sequence of positive ints, got {self.layer_sizes!r}")
-    if self.boundary not in boundary_lib.BOUNDARY_VARIANTS:
-      raise ValueError(f"boundary must be one of {boundary_lib.BOUNDARY_VARIANTS}, got {self.boundary!r}")
-    if self.ln_placement not in LN_PLACEMENTS:
-      raise ValueError(f"ln_placement must be one of {LN_PLACEMENTS}, got {self.ln_placement!r}")
-    if self.st_gradient not in boundary_lib.ST_GRADIENTS:
-      raise ValueError(f"st_gradient must be one of {boundary_lib.ST_GRADIENTS}, "
-                       f"got {self.st_gradient!r}")
-    if self.schedule not in schedule_lib.SCHEDULES:
-      raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {self.schedule!r}")
-    if self.matmul_dtype not in MATMUL_DTYPES:
-      raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
 
   @property
   def num_layers(self) -> int:
@@ -450,6 +480,21 @@ def _states_before(state: State, hs, zs, cs) -> State:
                for s, h, z, c in zip(state, hs, zs, cs))
 
 
+class _StepRecord(NamedTuple):
+  """What the reverse loop reads of one layer at one step (time-major (T, …) in the scan)."""
+  own: LayerState           # the layer's state before the step
+  h_above: Any              # h^(ℓ+1)_(t-1) (top-down input), or None on the last layer
+  h_below: Any              # h^(ℓ-1)_t (bottom-up input), or None on layer 1
+  z_below: Any              # z^(ℓ-1)_t (ones on layer 1: z^0 = 1)
+  projs: Any                # the step's projections (Eq. 5-7's matmuls), as the forward
+  bottom_up: Any            # layer 1's hoisted W x_t, or None
+  noise: Any                # the 'sample' variant's uniform noise, or None
+  valid: Any                # (B, 1) whether the row takes the step, or None
+  reset: Any                # (B, 1) whether the row starts afresh, or None
+  d_h: jax.Array            # the cotangent of the step's output h
+  d_z: jax.Array            # the cotangent of the step's output z
+
+
 def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
   """The body of the reverse loop: the given layers' backward at their own step, in order.
 
@@ -464,17 +509,21 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
     acc, below = list(carry[0]), list(carry[1])
     ys = [None] * L
     for layer in layers:
-      own, h_above, h_below, z_below, projs, bu, noise, valid, reset, dh_t, dz_t = xs_t[layer]
-      d_h, d_z, d_c = acc[layer].h + dh_t, acc[layer].z + dz_t, acc[layer].c
+      x = xs_t[layer]
+      own, valid = x.own, x.valid
+      d_h, d_z, d_c = acc[layer].h + x.d_h, acc[layer].z + x.d_z, acc[layer].c
       if layer < L - 1:
         d_h, d_z = d_h + below[layer][0], d_z + below[layer][1] + below[layer][2]
       if valid is not None:  # a step the row does not take passes its cotangent through
         through = LayerState(*(jnp.where(valid > 0, 0.0, d) for d in (d_h, d_c, d_z)))
         d_h, d_c, d_z = (jnp.where(valid > 0, d, 0.0) for d in (d_h, d_c, d_z))
-      core = lambda sm, pr, b, c, h, z, zb: _layer_core(sm, pr, b, c, h, z, zb, slope, noise,
+      core = lambda sm, pr, b, c, h, z, zb: _layer_core(sm, pr, b, c, h, z, zb, slope, x.noise,
                                                          config)
-      _, core_vjp = jax.vjp(core, small[layer], projs, bu, own.c, own.h, own.z, z_below)
-      d_small, d_projs, d_bu, dc_prev, dh_prev, dz_prev, dz_below = core_vjp((d_c, d_h, d_z))
+      _, core_vjp = jax.vjp(core, small[layer], x.projs, x.bottom_up, own.c, own.h, own.z,
+                            x.z_below)
+      # Through the cell (Eq. 2-9 after the matmuls) ...
+      (d_small, d_projs, d_bu, dc_prev, dh_prev_cell, dz_prev_cell,
+       dz_below_cell) = core_vjp((d_c, d_h, d_z))
       column = _local_detector_column(config, layer)
       if column is not None:  # the ž column trains its kernel column only, not the inputs
         d_projs_in = tuple(dp.at[:, column].set(0.0) for dp in d_projs)
@@ -482,10 +531,12 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
         d_projs_in = d_projs
       d_ins = tuple(cell.matmul(dp, k.T, dtype) for dp, k in zip(d_projs_in, kernels_c[layer]))
       _, inputs_vjp = jax.vjp(functools.partial(cell.matmul_inputs, config.separate_terms),
-                              own.h, own.z, h_above, z_below, h_below)
-      dh_prev2, dz_prev2, dh_above, dz_below2, dh_below = inputs_vjp(d_ins)
+                              own.h, own.z, x.h_above, x.z_below, x.h_below)
+      # ... and through the matmuls' inputs (the gates z multiply them, Eq. 5-7).
+      dh_prev_mm, dz_prev_mm, dh_above, dz_below_mm, dh_below = inputs_vjp(d_ins)
       keep = functools.partial(schedule_lib.keep, active[layer])
-      d_own = _zero_where(reset, LayerState(h=dh_prev + dh_prev2, c=dc_prev, z=dz_prev + dz_prev2))
+      d_own = _zero_where(x.reset, LayerState(h=dh_prev_cell + dh_prev_mm, c=dc_prev,
+                                              z=dz_prev_cell + dz_prev_mm))
       if valid is not None:
         d_own = jax.tree_util.tree_map(jnp.add, d_own, through)
       acc[layer] = keep(d_own, acc[layer])
@@ -493,7 +544,7 @@ def _backward_body(small, kernels_c, slope, config: HMLSTMConfig):
         acc[layer + 1] = acc[layer + 1]._replace(h=keep(acc[layer + 1].h + dh_above,
                                                         acc[layer + 1].h))
       if layer > 0:
-        below[layer - 1] = keep((dh_below, dz_below, dz_below2), below[layer - 1])
+        below[layer - 1] = keep((dh_below, dz_below_cell, dz_below_mm), below[layer - 1])
       ys[layer] = (d_projs, d_small, d_bu)
     return (tuple(acc), tuple(below)), tuple(ys)
   return body
@@ -511,7 +562,8 @@ def _recurrence_bwd(config, residuals, cotangents):
                                  h_below)
               for l, (h_above, h_below, z_below) in enumerate(context))
   inputs = _per_layer_inputs(config, bottom_up_1, noise, valid, reset)
-  xs = tuple((prev[l], *context[l], projs[l], *inputs[l], d_hs[l], d_zs[l]) for l in range(L))
+  xs = tuple(_StepRecord(prev[l], *context[l], projs[l], *inputs[l], d_hs[l], d_zs[l])
+             for l in range(L))
   below = tuple((jnp.zeros_like(d_final[l].h), jnp.zeros_like(d_final[l].z),
                  jnp.zeros_like(d_final[l].z)) for l in range(L - 1))
   lags, order = schedule_lib.plan(config.schedule, L, backward=True)

@@ -7,6 +7,8 @@ the LNs are identities. The state has the HM-LSTM's shape ((h, c, z) per layer, 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -14,7 +16,28 @@ from hmlstm_jax import cell
 from hmlstm_jax import hmlstm
 
 
-def init_params(key: jax.Array, config: hmlstm.HMLSTMConfig) -> tuple[dict, ...]:
+@dataclasses.dataclass(frozen=True)
+class LSTMConfig:
+  """Static description of the LSTM stack (hashable).
+
+  Attributes:
+    input_size: width of x_t.
+    layer_sizes: d_1, ..., d_L.
+    layer_norm: Ba et al.'s layer normalisation of W x, U h and c.
+    ln_gain: the layer-norm gains at initialisation.
+    matmul_dtype: ``None`` or ``'bfloat16'`` (operands; float32 accumulation).
+  """
+  input_size: int
+  layer_sizes: tuple[int, ...]
+  layer_norm: bool = False
+  ln_gain: float = 1.0
+  matmul_dtype: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
+
+
+def init_params(key: jax.Array, config: LSTMConfig) -> tuple[dict, ...]:
   """Per layer ``W`` (d_(ℓ-1), 4d), ``U`` (d, 4d), ``b`` (4d, forget bias 1), and with layer
   norm ``ln_W``, ``ln_U`` (4d) and ``ln_c`` (d) with gains ``config.ln_gain``. Rows ordered
   f, i, o, g."""
@@ -34,7 +57,7 @@ def init_params(key: jax.Array, config: hmlstm.HMLSTMConfig) -> tuple[dict, ...]
 
 
 def unroll(params, state: hmlstm.State, xs: jax.Array, *,
-           config: hmlstm.HMLSTMConfig) -> tuple[hmlstm.State, tuple[jax.Array, ...]]:
+           config: LSTMConfig) -> tuple[hmlstm.State, tuple[jax.Array, ...]]:
   """Runs the stack over time-major ``xs`` (T, B, input_size); returns the final state and
   every layer's h (T, B, d). Each layer's input projection is one matmul over all T steps."""
   new_state, hs = [], []

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments import benchmark
-from experiments import hlo
+from hmlstm_jax import profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ ENTRY %main (a: f32[2,2]) -> f32[2,2] {
   %w = (s32[], f32[2,2]) while(%t), condition=%cond, body=%body
 }
 """
-  assert hlo.loop_matmul_counts(text) == [2]
+  assert profiling.loop_matmul_counts(text) == [2]
 
 
 def test_trainer_loop_mode_times_the_real_loop_against_the_bare_step():
@@ -122,9 +122,9 @@ ENTRY %main (a: f32[2,2]) -> f32[2,2] {
   %w = (s32[], f32[2,2]) while(%t), condition=%cond, body=%body
 }
 """
-  computations = hlo.parse(text)
+  computations = profiling.parse(text)
   by_name = {i.name: i for body in computations.values() for i in body}
-  kinds = {n: hlo.category(by_name[n], computations, frozenset({"cond"}))
+  kinds = {n: profiling.category(by_name[n], computations, frozenset({"cond"}))
            for n in ("f", "g", "h", "k", "tr", "w", "lt")}
   assert kinds == {"f": "matmul", "g": "dynamic slice", "h": "element-wise", "k": "loop control",
                    "tr": "copy / transpose", "w": None, "lt": "loop control"}
@@ -137,7 +137,7 @@ def test_profile_mode_charges_both_loops_and_formats_a_table():
     ms = record[model]["ms"]
     assert ms["forward loops"]["matmul"] > 0 and ms["backward loops"]["matmul"] > 0
     assert ms["forward loops"]["element-wise"] > 0 and record[model]["wall_ms"] > 0
-    assert set().union(*ms.values()) <= set(hlo.CATEGORIES)
+    assert set().union(*ms.values()) <= set(profiling.CATEGORIES)
     walls = record[model]["wall"]
     assert all(walls[r] > 0 for r in ("forward loops", "backward loops", "outside loops"))
     assert sum(walls.values()) == pytest.approx(record[model]["wall_ms"])
@@ -147,15 +147,15 @@ def test_profile_mode_charges_both_loops_and_formats_a_table():
 
 
 def test_union_and_region_walls_count_overlapping_time_once():
-  assert hlo.union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000),
+  assert profiling.union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000),
                        (5_500_000, 5_700_000)]) == pytest.approx(4.0)
-  assert hlo.union_ms([]) == 0.0
+  assert profiling.union_ms([]) == 0.0
   # Two forward loops overlapping in time, one backward loop; a gap between them is outside.
   events = [("a", "w1", 10_000_000, 12_000_000), ("b", "w1", 13_000_000, 14_000_000),
             ("c", "w2", 13_500_000, 15_000_000), ("d", None, 0, 1_000_000),
             ("e", "w3", 20_000_000, 21_000_000), ("f", "w3", 24_000_000, 25_000_000),
             ("g", None, 25_000_000, 30_000_000)]
-  walls = hlo.region_walls(events, {"w1": "forward loops", "w2": "forward loops",
+  walls = profiling.region_walls(events, {"w1": "forward loops", "w2": "forward loops",
                                     "w3": "backward loops"})
   assert walls == pytest.approx({"forward loops": 5.0, "backward loops": 5.0,
                                  "outside loops": 20.0})

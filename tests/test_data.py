@@ -7,9 +7,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from hmlstm_jax import data
-from hmlstm_jax.data import corpora
-from hmlstm_jax.data import synthetic
+from hmlstm_jax.charlm import data
+from hmlstm_jax.charlm.data import corpora
+from hmlstm_jax.charlm.data import synthetic
 from conftest import SHARED_DATA
 
 PTB_DIR = os.path.join(SHARED_DATA, "ptb_char")

@@ -15,7 +15,7 @@ import pytest
 from experiments import handwriting
 from hmlstm_jax import settings
 from hmlstm_jax import training
-from hmlstm_jax.data import iam_ondb
+from hmlstm_jax.handwriting.data import iam_ondb
 from hmlstm_jax.training import checkpoints
 from hmlstm_jax.training import cli
 from hmlstm_jax.training import steps
@@ -37,13 +37,13 @@ def test_end_to_end_run_reports_table_3_quantities_and_draws_both_figures(tmp_pa
   workdir = str(tmp_path / "run")
   result = training.train_and_evaluate(tiny(), workdir)
   assert result["status"] == "done"
-  for split in ("valid", "test"):
+  for split in ("validation", "test"):
     r = result[split]
     assert math.isfinite(r["loglik_per_sequence"]) and r["nll_per_sequence"] == -r["loglik_per_sequence"]
     counts = np.asarray(r["op_counts"])
     assert counts.shape == (3, 3) and counts.sum(axis=1).tolist() == [r["points"]] * 3  # no padding counted
     assert set(r["boundaries"]) == {"stroke", "glyph", "word", "stroke+1", "glyph+1", "word+1"}
-  assert result["test"]["sequences"] == 6 and result["valid"]["sequences"] == 6  # every sequence, once
+  assert result["test"]["sequences"] == 6 and result["validation"]["sequences"] == 6  # every sequence, once
   for name in ("segments.png", "generated.png"):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,7 @@ def test_iam_ondb_end_to_end_on_a_small_archive_in_the_real_layout(tmp_path):
                     num_epochs=1.0)
   result = training.train_and_evaluate(experiment, str(tmp_path / "run"))
   assert result["status"] == "done"
-  assert result["valid"]["sequences"] == 1 and result["test"]["sequences"] == 2
+  assert result["validation"]["sequences"] == 1 and result["test"]["sequences"] == 2
   assert set(result["test"]["boundaries"]) == {"stroke", "stroke+1"}  # pen-ups
   data = iam_ondb.load_iam_ondb(str(tmp_path / "tfds"))  # prepared: no manual files needed
   assert result["test"]["points"] == sum(len(p) - 1 for p in data.splits["test"])
@@ -109,11 +109,11 @@ def test_flagfiles_carry_the_paper_settings():
                                    ("handwriting_lstm.flags", "lstm", 0.0, "1081")):
     assert paper in open(os.path.join(handwriting.FLAGS_DIR, name)).readline()
     c = _parse(f"--flagfile={name}")
-    assert c.dataset == "iam_ondb" and c.model.model == model and c.train.slope_rate == rate
+    assert c.dataset == "iam_ondb" and c.model.model == model and c.model.slope_rate == rate
     assert c.model.layer_sizes == (400, 400, 400) and c.model.output_size == 400
     assert c.train.batch_size == 32 and c.train.learning_rate == 0.0003 and c.model.num_components == 20
     assert c.min_length == 300
-  assert _parse("--flagfile=handwriting_anneal.flags").train.max_slope == 3
+  assert _parse("--flagfile=handwriting_anneal.flags").model.max_slope == 3
 
 
 def test_missing_iam_ondb_fails_fast_with_instructions(tmp_path):
@@ -144,8 +144,7 @@ def test_the_same_gradient_on_one_two_and_four_devices(tmp_path):
   for n in (1, 2, 4):  # the parameters each run checkpointed when it stopped
     experiment = tiny(num_devices=n)
     experiment.load_data(training.Hosts(0, 1))
-    template = steps.init_state(jax.random.key(0), experiment, steps.make_optimizer(1.0, 1.0),
-                                steps.make_plateau(0.02, 1), rows=4)
+    template = steps.init_state(jax.random.key(0), experiment, experiment.optimizer(), rows=4)
     ckpt = checkpoints.Checkpointer(str(tmp_path / f"d{n}"), 3)
     params[n] = ckpt.restore(ckpt.steps()[-1], template)[0].params
   for n in (2, 4):

@@ -35,13 +35,13 @@ def test_padding_leaves_log_likelihoods_and_counts_unchanged(model):
                                            deterministic=True)
   np.testing.assert_allclose(sums, alone, rtol=1e-5)
   if model == "hmlstm":
-    ops = hmlstm.operations(hmlstm.initial_state(config.hmlstm, 2), outs.rnn)
+    ops = hmlstm.operations(hmlstm.initial_state(config.rnn, 2), outs.rnn)
     padded_counts = hmlstm.operation_counts(ops, mask.T)
     solo = []
     for s in seqs:
       _, o = hw.sequence_log_likelihoods(params, s[None, :-1], s[None, 1:], np.ones((1, len(s) - 1)),
                                          1.0, config=config, deterministic=True)
-      solo.append(hmlstm.operation_counts(hmlstm.operations(hmlstm.initial_state(config.hmlstm, 1), o.rnn)))
+      solo.append(hmlstm.operation_counts(hmlstm.operations(hmlstm.initial_state(config.rnn, 1), o.rnn)))
     np.testing.assert_array_equal(padded_counts, solo[0] + solo[1])
   loss, _ = hw.handwriting_loss(params, inputs, targets, mask, 1.0, config=config)
   np.testing.assert_allclose(loss, -sum(alone) / mask.sum(), rtol=1e-5)
@@ -65,5 +65,5 @@ def test_config_and_input_errors():
   config = _config()
   params = hw.init_handwriting(jax.random.key(0), config)
   with pytest.raises(ValueError, match=r"\(batch, time, 3\)"):
-    hw.handwriting_apply(params, hmlstm.initial_state(config.hmlstm, 2), jnp.zeros((2, 5, 2)), 1.0,
+    hw.handwriting_apply(params, hmlstm.initial_state(config.rnn, 2), jnp.zeros((2, 5, 2)), 1.0,
                          config=config)

@@ -1,4 +1,5 @@
-"""Output module (Eq. 11-12), softmax head and the character LM (heads.py, models.py)."""
+"""Output module (Eq. 11-12), softmax head, the backbone and the character LM (heads.py,
+backbone.py, charlm/model.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def test_softmax_head_and_charlm_loss_match_numpy():
   B, T = 2, 9
   tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, config.vocab_size)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  state0 = H.initial_state(config.hmlstm, B)
+  state0 = H.initial_state(config.rnn, B)
   nll, outs = H.charlm_loss(params, state0, inputs, targets, 1.0, config=config)
   logits, _ = H.charlm_apply(params, state0, inputs, 1.0, config=config)
   assert logits.shape == (B, T, config.vocab_size)
@@ -59,7 +60,7 @@ def test_top_layer_head_reads_h_of_the_top_layer_alone():
   params = H.init_charlm(jax.random.key(0), config)
   assert "output" not in params and params["softmax"]["W"].shape == (4, 11)
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
-  logits, _ = H.charlm_apply(params, H.initial_state(config.hmlstm, 2), tokens, 1.0, config=config)
+  logits, _ = H.charlm_apply(params, H.initial_state(config.rnn, 2), tokens, 1.0, config=config)
   hs, _, _, _, _ = numpy_reference.run(params["hmlstm"], np.asarray(params["embed"])[np.asarray(tokens).T],
                                        1.0, "step")
   ref_logits = hs[-1] @ np.asarray(params["softmax"]["W"], np.float64) + np.asarray(params["softmax"]["b"])
@@ -77,7 +78,7 @@ def test_charlm_trains_the_boundary_detectors():
   config = H.CharLMConfig(vocab_size=7, layer_sizes=(8, 8, 8), output_size=8, embed_size=4)
   params = H.init_charlm(jax.random.key(0), config)
   tokens = jax.random.randint(jax.random.key(1), (3, 21), 0, 7)
-  grads = jax.jit(jax.grad(lambda p: H.charlm_loss(p, H.initial_state(config.hmlstm, 3), tokens[:, :-1],
+  grads = jax.jit(jax.grad(lambda p: H.charlm_loss(p, H.initial_state(config.rnn, 3), tokens[:, :-1],
                                            tokens[:, 1:], 1.0, config=config)[0]))(params)
   for l in range(2):
     assert float(jnp.abs(grads["hmlstm"][l]["W"][:, -1]).sum()) > 0  # detector row
@@ -95,7 +96,7 @@ def test_charlm_config_validation():
   assert hash(config) == hash(H.CharLMConfig(vocab_size=5, layer_sizes=(4, 4), output_size=4))  # static-arg ready
   params = H.init_charlm(jax.random.key(0), config)
   with pytest.raises(ValueError, match=r"\(batch, time\)"):
-    H.charlm_apply(params, H.initial_state(config.hmlstm, 2), jnp.zeros((2, 3, 1), jnp.int32), 1.0,
+    H.charlm_apply(params, H.initial_state(config.rnn, 2), jnp.zeros((2, 3, 1), jnp.int32), 1.0,
                    config=config)
 
 
@@ -105,7 +106,7 @@ def test_lstm_baseline_matches_flax_lstm_cell():
   config = H.CharLMConfig(vocab_size=9, layer_sizes=(6, 5), output_size=3, embed_size=4, model="lstm")
   params = H.init_charlm(jax.random.key(0), config)
   tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 9)
-  logits, outs = H.charlm_apply(params, H.initial_state(config.hmlstm, 3), tokens, 1.0, config=config)
+  logits, outs = H.charlm_apply(params, H.initial_state(config.rnn, 3), tokens, 1.0, config=config)
   assert outs.rnn.z == ()
   x = params["embed"][tokens]
   hs = []
@@ -130,7 +131,7 @@ def test_lstm_baseline_matches_flax_lstm_cell():
 
 def test_boundary_rate_penalty_is_zero_in_the_band_and_quadratic_outside():
   """Σ_ℓ max(0, m − r)² + max(0, r − M)², r the share of (real) steps with z = 1, by hand."""
-  from hmlstm_jax import hmlstm, models
+  from hmlstm_jax import backbone, hmlstm
   z1 = np.zeros((4, 2, 1)); z1[:3, 0] = 1.0        # r¹ = 3/8
   z2 = np.zeros((4, 2, 1)); z2[0, 1] = 1.0          # r² = 1/8
   z3 = np.zeros((4, 2, 1))                           # the last layer has no detector
@@ -146,9 +147,9 @@ def test_boundary_rate_penalty_is_zero_in_the_band_and_quadratic_outside():
   config = H.CharLMConfig(vocab_size=5, layer_sizes=(6, 5, 4), rate_weight=3.0,
                           rate_min=(0.0, 0.2), rate_max=(0.25, 1.0))
   outs = hmlstm.UnrollOutputs(h=(), z=zs)
-  np.testing.assert_allclose(models.boundary_penalty(outs, config), 3.0 * expected, rtol=1e-6)
+  np.testing.assert_allclose(backbone.boundary_penalty(outs, config), 3.0 * expected, rtol=1e-6)
   off = H.CharLMConfig(vocab_size=5, layer_sizes=(6, 5, 4))
-  assert float(models.boundary_penalty(outs, off)) == 0.0
+  assert float(backbone.boundary_penalty(outs, off)) == 0.0
 
 
 def test_boundary_rate_penalty_trains_the_detectors_toward_the_band():
@@ -195,7 +196,7 @@ def test_charlm_step_token_by_token_equals_charlm_apply(model, output_head):
                                   H.init_charlm(jax.random.key(0), config))
   tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, 11)
   state0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
-                                  H.initial_state(config.hmlstm, 3))
+                                  H.initial_state(config.rnn, 3))
   logits, outs = H.charlm_apply(params, state0, tokens, 1.0, config=config, deterministic=True)
   state = skipping = state0
   step = jax.jit(H.charlm_step, static_argnames=("config", "skip_copy"))  # bits: both compiled

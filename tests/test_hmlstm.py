@@ -264,8 +264,10 @@ def test_init_params_shapes_follow_the_paper():
   assert all(np.all(l[n]["scale"] == 0.5) for l in half for n in l if n.startswith("ln_"))
   np.testing.assert_array_equal(half[1]["U"], p[1]["U"])  # only the gains differ
   from hmlstm_jax import lstm  # the LSTM baseline reads the same setting
-  assert all(np.all(l[n]["scale"] == 0.5) for l in lstm.init_params(
-      jax.random.key(0), dataclasses.replace(config, ln_gain=0.5)) for n in l if n.startswith("ln_"))
+  lstm_config = H.CharLMConfig(model="lstm", layer_sizes=(4, 5), layer_norm=True, ln_gain=0.5).rnn
+  assert isinstance(lstm_config, lstm.LSTMConfig)
+  assert all(np.all(l[n]["scale"] == 0.5) for l in lstm.init_params(jax.random.key(0), lstm_config)
+             for n in l if n.startswith("ln_"))
   rare = H.init_params(jax.random.key(0), dataclasses.replace(config, boundary_bias=-2.0))
   assert rare[0]["b"][16] == rare[1]["b"][20] == -2.0 and p[0]["b"][16] == 0.0  # the ž rows
   np.testing.assert_array_equal(rare[0]["b"][:16], p[0]["b"][:16])

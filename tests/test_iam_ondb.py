@@ -9,8 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from hmlstm_jax.data import iam_ondb
-from hmlstm_jax.data import strokes
+from hmlstm_jax.handwriting.data import iam_ondb
+from hmlstm_jax.handwriting.data import strokes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import special
 from scipy import stats
 
-from hmlstm_jax import mdn
+from hmlstm_jax.handwriting import mdn
 
 
 def _reference_log_likelihood(y_hat: np.ndarray, target: np.ndarray) -> float:

@@ -3,7 +3,7 @@ synthetic handwriting's hierarchy."""
 import numpy as np
 import pytest
 
-from hmlstm_jax.data import strokes
+from hmlstm_jax.handwriting.data import strokes
 
 
 def test_offsets_round_trip_and_pen_ups_stay():

@@ -16,6 +16,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hmlstm_jax import settings
@@ -53,7 +54,7 @@ class Split:
 
 
 class Regression(training.Experiment):
-  """Least squares; no carried state, no slope, its own metric in the loss's aux."""
+  """Least squares; no carried state, no schedule, its own metric in the loss's aux."""
 
   def load_data(self, hosts):
     c, t = self.config, self.config.train
@@ -66,25 +67,25 @@ class Regression(training.Experiment):
   def init_params(self, key):
     return {"w": jax.random.normal(key, (4,)) * 0.1}
 
-  def loss(self, params, carry, batch, slope, key):
+  def loss(self, params, carry, batch, schedule, key):
     err = batch["x"] @ params["w"] - batch["y"]
     return jnp.mean(err ** 2), (carry, {"mean_abs_err": jnp.mean(jnp.abs(err))})
 
-  def eval_sums(self, params, carry, batch, slope):
+  def eval_sums(self, params, carry, batch, schedule):
     err = batch["x"] @ params["w"] - batch["y"]
     return carry, {"sq": jnp.sum(err ** 2), "n": jnp.float32(err.size)}
 
   def summarize(self, sums):
     return {"loss": float(sums["sq"] / sums["n"])}
 
-  def report(self, params, slope, workdir):
+  def report(self, params, schedule, workdir):
     return {"w": np.asarray(params["w"]).tolist()}, [f"w = {np.round(params['w'], 2)}"]
 
 
 def regression(**changes):
   config = settings.replace(RegressionConfig(), batch_size=8, eval_batch_size=8,
                             learning_rate=0.05, num_epochs=4, eval_every=16, log_every=8,
-                            checkpoint_every=16, num_devices=2, slope_rate=0.0)
+                            checkpoint_every=16, num_devices=2)
   return Regression(settings.replace(config, **changes))
 
 
@@ -98,6 +99,57 @@ def test_a_model_the_trainer_never_saw_trains_and_reports(tmp_path, capsys):
   assert "examples/s" in out and "w = [" in out and "test: loss " in out
   losses = result["train_losses"]
   assert len(losses) == 256 and losses[-1] < losses[0] / 50
+
+
+class Scheduled(Regression):
+  """The regression with a schedule of its own (a pytree: the loss's weight, 0 for the first
+  32 steps, and the step), its own optimiser (plain SGD, no plateau) and its own names of the
+  evaluation splits."""
+
+  def load_data(self, hosts):
+    data = super().load_data(hosts)
+    return dataclasses.replace(data, evals={"dev": data.evals["validation"],
+                                            "heldout": data.evals["test"]}, validation="dev")
+
+  def schedule(self, step, epoch):
+    return {"weight": np.float32(step >= 32), "step": np.int32(step)}
+
+  def schedule_scalars(self, schedule):
+    return {"weight": float(schedule["weight"])}
+
+  def optimizer(self):
+    return training.Optimizer(optax.sgd(0.1))
+
+  def loss(self, params, carry, batch, schedule, key):
+    loss, aux = super().loss(params, carry, batch, schedule, key)
+    return schedule["weight"] * loss, aux
+
+
+def test_a_toy_experiment_trains_with_its_own_schedule_optimiser_and_splits(tmp_path, capsys):
+  result = training.train_and_evaluate(Scheduled(regression().config), str(tmp_path / "run"))
+  losses = result["train_losses"]
+  assert losses[:32] == [0.0] * 32 and 0 < losses[32] and losses[-1] < 0.01
+  assert {"dev", "heldout"} <= set(result) and "validation" not in result
+  assert result["heldout"]["loss"] < 0.01
+  out = capsys.readouterr().out
+  assert "weight 0.00" in out and "weight 1.00" in out and " lr " not in out
+  assert "step 16 dev: loss" in out and "heldout: loss" in out
+
+
+def test_open_run_gives_the_parts_and_the_experiments_optimiser_is_applied(tmp_path):
+  """Through the public entry: 33 steps of the toy experiment leave w = w0 − 0.1·∇ of step 32's
+  batch (SGD at 0.1, the first 32 steps weighted 0), and the checkpoint records the schedule
+  of the step it resumes at."""
+  from hmlstm_jax.training import metrics
+  with training.open_run(Scheduled(regression().config), str(tmp_path / "run")) as run:
+    w0 = run.mapped.fetch(run.state.params)["w"]
+    assert run.train(metrics.Writer(str(tmp_path / "tb")), max_steps=33) == "preempted"
+    w = run.mapped.fetch(run.state.params)["w"]
+    meta = run.ckpt.restore(33, run.abstract)[1]
+  batch = run.data.train[32]
+  grad = 2 * batch["x"].T @ (batch["x"] @ w0 - batch["y"]) / len(batch["y"])
+  np.testing.assert_allclose(w, w0 - 0.1 * grad, rtol=1e-5)
+  assert meta["schedule"] == {"weight": 1.0, "step": 33} and meta["step"] == 33  # the next step's
 
 
 def test_the_regression_resumes_exactly(tmp_path):
@@ -157,15 +209,13 @@ def test_differences_accept_a_setting_added_later_at_its_default():
   assert settings.differences(RegressionConfig, saved, wanted) == ["noise: (not set) → 0.5"]
 
 
-def test_slope_is_computed_on_the_host_with_the_devices_arithmetic():
-  from hmlstm_jax import boundary
-  config = training.TrainConfig(max_slope=5.0, slope_rate=0.04)
-  for epoch in (0.0, 0.37, 3.999, 12.5, 99.99, 1000.0):
-    host = boundary.slope_schedule(epoch, 5.0, 0.04)
-    assert isinstance(host, np.floating)  # no device array, no transfer
-    assert host == np.asarray(jax.jit(boundary.slope_schedule, static_argnums=(1, 2))(
-        jnp.float32(epoch), 5.0, 0.04))
-    assert config.slope(epoch) == float(host)
+def test_the_trainer_knows_no_slope():
+  """The slope is the HM-LSTM experiments' schedule (issue 22): no file of the trainer names it."""
+  here = os.path.join(os.path.dirname(__file__), "..", "hmlstm_jax", "training")
+  for name in sorted(os.listdir(here)):
+    if name.endswith(".py"):
+      with open(os.path.join(here, name)) as f:
+        assert "slope" not in f.read().lower(), name
 
 
 # ----------------------------------------------------------------------------- the workdir

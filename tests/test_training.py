@@ -41,7 +41,7 @@ def test_end_to_end_run_writes_everything(tmp_path):
   os.umask(0o022)
   result = training.train_and_evaluate(tiny(), workdir)
   assert result["status"] == "done" and result["step"] == 93  # ceil(1 epoch of 93 segments)
-  for split in ("valid", "test"):
+  for split in ("validation", "test"):
     r = result[split]
     assert math.isfinite(r["bpc"]) and 0 < r["bpc"] < math.log2(28)
     counts = np.asarray(r["op_counts"])
@@ -63,7 +63,7 @@ def test_end_to_end_run_writes_everything(tmp_path):
   train_loss = events.Scalars("train/loss")
   assert [e.step for e in train_loss] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 93]
   assert train_loss[0].value == pytest.approx(result["train_losses"][9], rel=1e-6)
-  assert events.Scalars("valid/bpc")[-1].value == pytest.approx(result["valid"]["bpc"], rel=1e-3)
+  assert events.Scalars("valid/bpc")[-1].value == pytest.approx(result["validation"]["bpc"], rel=1e-3)
   steps = checkpoints.Checkpointer(workdir, 3).steps()
   assert steps[-1] == 93 and result["best_step"] in steps
   assert not glob.glob(os.path.join(workdir, "**", "*.tmp"), recursive=True)
@@ -125,7 +125,7 @@ def test_every_flagfile_parses_into_a_valid_config():
     assert config.dataset in path or "demo" in path or config.dataset == "ptb_study" == "ptb_" + stem
     assert stem == os.path.splitext(os.path.basename(path))[0]
   config, _ = _parse("--flagfile=ptb.flags", "--batch_size=32")
-  assert config.train.batch_size == 32 and config.model.layer_norm and config.train.slope_rate == 0.04
+  assert config.train.batch_size == 32 and config.model.layer_norm and config.model.slope_rate == 0.04
   assert config.model.layer_sizes == (512, 512, 512) and config.model.matmul_dtype is None
   config, _ = _parse("--flagfile=ptb.flags", "--matmul_dtype=bfloat16")
   assert config.model.matmul_dtype == "bfloat16"
@@ -170,8 +170,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_75(tmp_path):
   assert step >= 3
   experiment = tiny()
   experiment.load_data(training.Hosts(0, 1))
-  template = steps.init_state(jax.random.key(0), experiment, steps.make_optimizer(1.0, 1.0),
-                              steps.make_plateau(0.02, 1), rows=4)
+  template = steps.init_state(jax.random.key(0), experiment, experiment.optimizer(), rows=4)
   state, meta = ckpt.restore(step, template)
   assert int(state.step) == step and meta["position"] == step % meta["steps_per_epoch"]
 

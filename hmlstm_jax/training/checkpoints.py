@@ -2,10 +2,10 @@
 
 ``<workdir>/checkpoints/<step>`` holds the whole :class:`~.steps.TrainState` (parameters, Adam
 state, the carried state of every row, the plateau state, the RNG key, the step) and a JSON
-record of the rest (data position, slope, the best step so far and its objective, the
-evaluation history). Orbax writes each checkpoint into a temporary directory and renames it
-when complete, so a checkpoint and everything that describes it appear together or not at
-all.
+record of the rest (data position, the experiment's schedule of that step, the best step so
+far and its objective, the evaluation history). Orbax writes each checkpoint into a temporary
+directory and renames it when complete, so a checkpoint and everything that describes it
+appear together or not at all.
 
 The best checkpoint is not a second copy: each checkpoint's record names the best step, and
 that step is kept (besides the latest ``keep``) until a newer checkpoint names another. A

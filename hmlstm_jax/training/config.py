@@ -1,10 +1,9 @@
-"""The trainer's settings: batches, optimisation, the slope schedule, cadence and bookkeeping."""
+"""The trainer's settings: batches, the default optimiser's, cadence and bookkeeping."""
 from __future__ import annotations
 
 import dataclasses
 import math
 
-from hmlstm_jax import boundary
 from hmlstm_jax.settings import setting
 from hmlstm_jax.training import steps
 
@@ -13,10 +12,10 @@ from hmlstm_jax.training import steps
 class TrainConfig:
   """What the trainer needs of a run; an experiment's config nests it as its ``train`` field.
 
-  The paper's procedure (decisions.md §4): Adam, global-norm clipping at ``clip_norm``, the
-  learning rate multiplied by ``lr_decay_factor`` (1/50) when the validation objective stops
-  improving, slope annealing a = min(max_slope, 1 + slope_rate · epoch) (§3.3). Settings
-  marked changeable may differ when a run resumes; the others must match the checkpoint's.
+  The default optimiser is the paper's (decisions.md §4, :meth:`optimizer`): Adam,
+  global-norm clipping at ``clip_norm``, the learning rate multiplied by ``lr_decay_factor``
+  (1/50) when the validation objective stops improving. Settings marked changeable may
+  differ when a run resumes; the others must match the checkpoint's.
   """
   batch_size: int = setting(64, "Rows (streams or sequences) per training batch, global over "
                             "all devices and hosts.")
@@ -27,8 +26,6 @@ class TrainConfig:
                                    "objective stops improving (1/50), in (0, 1).")
   plateau_patience: int = setting(1, "Evaluations without improvement before the learning "
                                   "rate is cut.")
-  max_slope: float = setting(5.0, "Slope annealing: a = min(max_slope, 1 + slope_rate * epoch).")
-  slope_rate: float = setting(0.04, "Slope increase per epoch; 0 disables annealing (a = 1).")
   num_epochs: float = setting(1.0, "Training epochs (may be fractional; may be raised to "
                               "continue a finished run).", changeable=True)
   seed: int = setting(0, "Seed of the parameters and of every step's randomness.")
@@ -57,20 +54,14 @@ class TrainConfig:
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
     if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
       raise ValueError(f"clip_norm must be positive, got {self.clip_norm}")
-    if not (self.max_slope >= 1 and self.slope_rate >= 0):
-      raise ValueError(f"need max_slope >= 1 and slope_rate >= 0, got {self.max_slope}, "
-                       f"{self.slope_rate}")
     # Optax checks its own arguments when the transformations are built: build them now,
     # before any data is loaded, so that a bad value fails first.
-    steps.make_optimizer(self.learning_rate, self.clip_norm)
-    try:
-      steps.make_plateau(self.lr_decay_factor, self.plateau_patience)
-    except ValueError as err:
-      raise ValueError(f"lr_decay_factor / plateau_patience: {err}") from None
+    self.optimizer()
 
-  def slope(self, epoch: float) -> float:
-    """a = min(max_slope, 1 + slope_rate · epoch) (§3.3), computed on the host."""
-    return float(boundary.slope_schedule(epoch, self.max_slope, self.slope_rate))
+  def optimizer(self) -> steps.Optimizer:
+    """The paper's optimiser from these settings (:func:`.steps.paper_optimizer`)."""
+    return steps.paper_optimizer(self.learning_rate, self.clip_norm, self.lr_decay_factor,
+                                 self.plateau_patience)
 
   def check_devices(self, num_devices: int) -> None:
     """Fails before any work when the batches cannot be split over the devices."""

@@ -1,12 +1,15 @@
 """What an experiment supplies to the trainer; the trainer owns everything else.
 
-An experiment is its data, its model's parameters, the per-device loss of one batch (with
-the recurrent state it carries, or none), the evaluation sums it wants over a split, and its
-final report. The trainer (:func:`hmlstm_jax.training.train_and_evaluate`) owns resume, the
-step loop, the slope schedule, the optimiser and the learning-rate plateau, validation
-cadence, the best checkpoint, preemption, the non-finite stop, progress lines, TensorBoard
-and ``results.json``. It never sees a device: batches are host arrays with rows leading,
-and the trainer decides which rows go to which device (and host).
+An experiment is its data (with its evaluation splits), its model's parameters, the
+per-device loss of one batch (with the recurrent state it carries, or none), a per-step
+schedule the loss reads (any pytree, e.g. an annealed temperature; the trainer computes it on the
+host and records it, never reading it), its optimiser (by default the paper's, from the
+:class:`~.config.TrainConfig`), the evaluation sums it wants over a split, and its final
+report. The trainer (:func:`hmlstm_jax.training.train_and_evaluate`) owns resume, the step
+loop, applying the optimiser and feeding its plateau, validation cadence, the best
+checkpoint, preemption, the non-finite stop, progress lines, TensorBoard and
+``results.json``. It never sees a device: batches are host arrays with rows leading, and the
+trainer decides which rows go to which device (and host).
 
 A minimal experiment (a linear regression; ``tests/test_trainer.py`` trains one)::
 
@@ -20,10 +23,10 @@ A minimal experiment (a linear regression; ``tests/test_trainer.py`` trains one)
         ...  # Data(train=Batches, evals={'validation': ..., 'test': ...}, ...)
       def init_params(self, key):
         return {"w": jnp.zeros((4,))}
-      def loss(self, params, carry, batch, slope, key):
+      def loss(self, params, carry, batch, schedule, key):
         err = batch["x"] @ params["w"] - batch["y"]
         return jnp.mean(err ** 2), (carry, {})
-      def eval_sums(self, params, carry, batch, slope):
+      def eval_sums(self, params, carry, batch, schedule):
         err = batch["x"] @ params["w"] - batch["y"]
         return carry, {"sq": jnp.sum(err ** 2), "n": jnp.float32(err.size)}
       def summarize(self, sums):
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, NamedTuple, Protocol, Sequence
+
+from hmlstm_jax.training import steps
 
 
 class Hosts(NamedTuple):
@@ -57,7 +62,11 @@ class Data:
 
   Attributes:
     train: the training batches (one epoch).
-    evals: ``'validation'`` and ``'test'`` batches (rows: the eval batch size).
+    evals: the evaluation splits by name, e.g. ``'validation'`` and ``'test'`` (rows: the
+      eval batch size): the final report evaluates each, in this order, and ``results.json``
+      holds each result under its name.
+    validation: the split of ``evals`` that validates during training (the plateau, the best
+      checkpoint).
     description: the head of the first progress line, e.g. ``"hmlstm on ptb (50 symbols): 781
       segments of 64 x 100 per epoch"``.
     items_per_batch: items of one global training batch (characters, points), for throughput.
@@ -72,6 +81,12 @@ class Data:
   items_per_batch: int
   item_name: str = "items"
   metadata: dict = dataclasses.field(default_factory=dict)
+  validation: str = "validation"
+
+  def __post_init__(self):
+    if self.validation not in self.evals:
+      raise ValueError(f"the validation split {self.validation!r} is not among the evaluation "
+                       f"splits {list(self.evals)}")
 
 
 class Experiment:
@@ -82,9 +97,9 @@ class Experiment:
   it in ``config.json`` and refuses to resume a workdir whose saved configuration differs in
   a setting that is not ``changeable``.
 
-  Methods that run inside the mapped steps (``init_carry``, ``loss``, ``eval_sums``) are
-  traced once per shape: they must be pure functions of their arguments and ``self``'s static
-  settings.
+  Methods that run inside the mapped steps (``init_carry``, ``loss``, ``loss_weight``,
+  ``eval_sums``) are traced once per shape: they must be pure functions of their arguments
+  and of what ``__init__`` and :meth:`load_data` set on ``self`` (static settings).
   """
   #: The key of :meth:`summarize`'s result that validation minimises (plateau, best).
   objective: str = "loss"
@@ -107,12 +122,31 @@ class Experiment:
     del rows
     return ()
 
-  def loss(self, params, carry, batch, slope, key) -> tuple[Any, tuple[Any, dict]]:
+  def schedule(self, step: int, epoch: float) -> Any:
+    """What the loss of training step ``step`` (``epoch`` = step / batches per epoch) reads
+    besides the batch: any pytree of arrays or numbers, computed on the host and passed traced
+    (a value that changes never recompiles); ``()`` by default. Evaluations use the schedule
+    of the step they follow. The trainer records it with each checkpoint and never reads it."""
+    del step, epoch
+    return ()
+
+  def schedule_scalars(self, schedule) -> dict[str, float]:
+    """Named figures of a schedule for progress lines and TensorBoard (e.g. ``{'tau': 0.5}``);
+    none by default."""
+    del schedule
+    return {}
+
+  def optimizer(self) -> steps.Optimizer:
+    """The optimiser (:class:`~.steps.Optimizer`); by default the paper's, built from the
+    ``train`` settings (:meth:`~.config.TrainConfig.optimizer`)."""
+    return self.config.train.optimizer()
+
+  def loss(self, params, carry, batch, schedule, key) -> tuple[Any, tuple[Any, dict]]:
     """Per-device loss of one batch: ``(mean loss, (carry after the batch, metrics))``.
 
     ``metrics`` are extra scalars (averaged over devices, logged every ``log_every`` steps).
-    ``slope`` is the hard sigmoid's slope a of this step; ``key`` a PRNG key unique to the
-    step and the device.
+    ``schedule`` is this step's :meth:`schedule`; ``key`` a PRNG key unique to the step and
+    the device.
     """
     raise NotImplementedError
 
@@ -126,7 +160,7 @@ class Experiment:
     del batch
     return None
 
-  def eval_sums(self, params, carry, batch, slope) -> tuple[Any, dict]:
+  def eval_sums(self, params, carry, batch, schedule) -> tuple[Any, dict]:
     """Per-device sums of one evaluation batch: ``(carry, {name: array})``. The trainer sums
     them over devices, hosts and batches (in float64 on the host) and calls :meth:`summarize`."""
     raise NotImplementedError
@@ -151,9 +185,9 @@ class Experiment:
     del metrics
     return {}
 
-  def report(self, params, slope: float, workdir: str) -> tuple[dict, Sequence[str]]:
-    """The final report with the best parameters (host arrays): figures written to
-    ``workdir``, samples, its own metrics. Returns what goes into ``results.json`` and the
-    lines to print."""
-    del params, slope, workdir
+  def report(self, params, schedule, workdir: str) -> tuple[dict, Sequence[str]]:
+    """The final report with the best parameters (host arrays) and the schedule of their
+    step: figures written to ``workdir``, samples, its own metrics. Returns what goes into
+    ``results.json`` and the lines to print."""
+    del params, schedule, workdir
     return {}, []

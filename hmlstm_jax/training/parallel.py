@@ -133,22 +133,23 @@ class MappedSteps:
 
   # ----------------------------------------------------------------------- steps
 
-  def train(self, state, batch, slope: float, reset: bool):
-    """One training step on this process's rows of a batch; returns the new state and the
-    metrics averaged over every device (on the devices)."""
-    return self.train_placed(state, self.place(batch), slope, reset)
+  def train(self, state, batch, schedule, reset: bool):
+    """One training step on this process's rows of a batch, with this step's schedule (host
+    arrays, the same on every process); returns the new state and the metrics averaged over
+    every device (on the devices)."""
+    return self.train_placed(state, self.place(batch), schedule, reset)
 
-  def train_placed(self, state, placed, slope: float, reset: bool):
+  def train_placed(self, state, placed, schedule, reset: bool):
     """:meth:`train` on a batch already on the mesh (:meth:`place`)."""
-    return self._train(state, placed, np.float32(slope), np.bool_(reset))
+    return self._train(state, placed, schedule, np.bool_(reset))
 
-  def probe(self, state, batch, slope: float, reset: bool):
+  def probe(self, state, batch, schedule, reset: bool):
     """The loss the next train step would compute (:func:`.steps.probe_step`), on the devices."""
-    return self._probe(state, self.place(batch), np.float32(slope), np.bool_(reset))
+    return self._probe(state, self.place(batch), schedule, np.bool_(reset))
 
-  def eval(self, params, carry, batch, slope: float):
+  def eval(self, params, carry, batch, schedule):
     """One evaluation batch; returns the carry and the sums over every device (on device)."""
-    return self._eval(params, carry, self.place(batch), np.float32(slope))
+    return self._eval(params, carry, self.place(batch), schedule)
 
 
 def _all_finite(tree) -> jax.Array:

@@ -1,5 +1,10 @@
 """``train_and_evaluate``: trains any :class:`~.experiment.Experiment` and reports on it.
 
+:func:`open_run` is the one way in (``train_and_evaluate`` and the benchmark use it): it
+checks the devices, holds the workdir, loads the data and restores the state, and gives a
+:class:`Run` whose parts (``train``, ``validate``, ``save``, ``final_report``, ``mapped``)
+can then be used one by one.
+
 experiment config → workdir (lock, configuration check) → data → parameters (or the newest
 readable checkpoint) → mapped train steps → periodic validation (plateau, best) and
 checkpoints → test evaluation with the best parameters → the experiment's report and
@@ -12,8 +17,8 @@ and the RNG key all come from the checkpoint.
 What the trainer guarantees, whatever happens to the process:
 
 * Metrics stay on the devices until a progress line (every ``log_every`` steps), a
-  validation or a checkpoint reads them: no host round trip per step. The slope is computed
-  on the host.
+  validation or a checkpoint reads them: no host round trip per step. The experiment's
+  schedule is computed on the host.
 * Nothing non-finite reaches a checkpoint: before step s is saved, the losses and gradient
   norms of every step up to s have been read back finite, every parameter and optimiser leaf
   is finite, and the loss that step s + 1 would compute from it (:func:`.steps.probe_step`) is
@@ -36,7 +41,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -89,6 +94,11 @@ class Signals:
       signal.signal(sig, handler)
 
 
+def _figures(named: dict[str, float]) -> str:
+  """``'  tau 0.50'``: named figures as a progress line shows them."""
+  return "".join(f"  {name} {value:.2f}" for name, value in named.items())
+
+
 def _sum_float64(sums: list) -> Any:
   """Per-batch sums (read back together) added up in float64."""
   host = parallel.MappedSteps.fetch(sums)
@@ -96,14 +106,18 @@ def _sum_float64(sums: list) -> Any:
 
 
 class Run:
-  """One call of :func:`train_and_evaluate`, in parts that can be used one by one.
+  """One run of an experiment in a workdir, in parts that can be used one by one (made by
+  :func:`open_run`).
 
-  Attributes after :meth:`restore`: ``state`` (on the devices), ``step``, ``meta`` (the JSON
-  record saved with each checkpoint).
+  Attributes: ``experiment``, ``data`` (its :class:`~.experiment.Data`), ``mapped`` (the
+  :class:`~.parallel.MappedSteps`), ``template`` (the initial state on the host), ``signals``;
+  after :meth:`restore`: ``state`` (on the devices), ``step``, ``meta`` (the JSON record saved
+  with each checkpoint).
   """
 
-  def __init__(self, experiment: Experiment, workdir: Workdir, devices: list):
+  def __init__(self, experiment: Experiment, workdir: Workdir, devices: list, signals: Signals):
     self.experiment = experiment
+    self.signals = signals
     self.config = experiment.config.train
     self.workdir = workdir
     self.devices = devices
@@ -111,16 +125,20 @@ class Run:
     self.data = experiment.load_data(self.hosts)
     self.steps_per_epoch = len(self.data.train)
     self.total_steps = max(1, math.ceil(self.config.num_epochs * self.steps_per_epoch))
-    self.optimizer = steps.make_optimizer(self.config.learning_rate, self.config.clip_norm)
-    self.plateau = steps.make_plateau(self.config.lr_decay_factor, self.config.plateau_patience)
+    self.optimizer = experiment.optimizer()
     self.mapped = parallel.MappedSteps(experiment, self.optimizer, devices)
     self.ckpt = checkpoints.Checkpointer(workdir.path, self.config.keep_checkpoints)
     self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
-                                     self.plateau, rows=self.config.batch_size // self.hosts.count)
+                                     rows=self.config.batch_size // self.hosts.count)
     self.abstract = self.mapped.abstract_state(self.template)  # what checkpoints restore onto
     self.losses: list[float] = []   # this call's per-step training losses, read back
     self._pending: list = []        # metrics of steps not yet read back (on the devices)
     self._saved_step = None
+
+  def schedule(self, step: int):
+    """The experiment's schedule of training step ``step``, as host arrays."""
+    return jax.tree_util.tree_map(
+        np.asarray, self.experiment.schedule(step, step / self.steps_per_epoch))
 
   # ----------------------------------------------------------------------- start
 
@@ -147,7 +165,7 @@ class Run:
 
   # ----------------------------------------------------------------------- the loop
 
-  def train(self, signals: Signals, writer: metrics.Writer, max_steps: int | None = None) -> str:
+  def train(self, writer: metrics.Writer, max_steps: int | None = None) -> str:
     """Trains to ``total_steps`` (or ``max_steps`` more, or a stop request); returns
     ``'done'`` or ``'preempted'`` (with a checkpoint of the step reached)."""
     c = self.config
@@ -157,24 +175,24 @@ class Run:
     start, t_log, step_log = self.step, time.time(), self.step
     while self.step < self.total_steps:
       position = self.step % self.steps_per_epoch
-      slope = c.slope(self.step / self.steps_per_epoch)
-      self.state, out = self.mapped.train(self.state, self.data.train[position], slope,
+      schedule = self.schedule(self.step)
+      self.state, out = self.mapped.train(self.state, self.data.train[position], schedule,
                                           position == 0)
       self._pending.append(out)
       self.step += 1
       last = self.step == self.total_steps
       logged = self.step % c.log_every == 0 or last
       if logged:
-        t_log, step_log = self._log(writer, slope, t_log, step_log)
+        t_log, step_log = self._log(writer, schedule, t_log, step_log)
       improved = False
       if self.step % c.eval_every == 0 or last:
-        improved = self.validate(writer, slope)
+        improved = self.validate(writer, schedule)
       if improved or self.step % c.checkpoint_every == 0 or last:
         self.save()
       if self.hosts.count == 1:
-        stop = signals.requested
+        stop = self.signals.requested
       else:  # the processes agree (one collective) where they read metrics back anyway
-        stop = logged and distributed.any_process(signals.requested)
+        stop = logged and distributed.any_process(self.signals.requested)
       if stop or (max_steps is not None and self.step - start >= max_steps):
         if not last:
           self.save()
@@ -205,20 +223,25 @@ class Run:
       return "no checkpoint was written"
     return f"the last good checkpoint, step {saved[-1]} in {self.ckpt.directory}, is untouched"
 
-  def _log(self, writer, slope: float, t_log: float, step_log: int) -> tuple[float, int]:
+  def _log(self, writer, schedule, t_log: float, step_log: int) -> tuple[float, int]:
     values = self.read_metrics()
     now = time.time()
     rate = (self.step - step_log) / max(now - t_log, 1e-9)
     items = rate * self.data.items_per_batch
     loss = float(values[-1]["loss"])
     extra = self.experiment.train_scalars({k: float(v) for k, v in values[-1].items()})
-    lr = self.config.learning_rate * float(self.host_plateau.scale)
     shown = "".join(f"  {name} {value:.4f}" for name, value in extra.items())
+    scheduled = self.experiment.schedule_scalars(schedule)
+    scalars = {"train/loss": loss, f"train/{self.data.item_name}_per_s": items, **scheduled,
+               "train/grad_norm": float(values[-1]["grad_norm"])}
+    lr = ""
+    if self.optimizer.learning_rate is not None:
+      scale = 1.0 if self.host_plateau is None else float(self.host_plateau.scale)
+      scalars["learning_rate"] = self.optimizer.learning_rate * scale
+      lr = f"  lr {scalars['learning_rate']:.2g}"
     say(f"step {self.step}/{self.total_steps}  epoch {self.step / self.steps_per_epoch:.2f}  "
-        f"loss {loss:.4f}{shown}  {items:.0f} {self.data.item_name}/s  slope {slope:.2f}  "
-        f"lr {lr:.2g}  remaining {metrics.format_duration((self.total_steps - self.step) / rate)}")
-    scalars = {"train/loss": loss, f"train/{self.data.item_name}_per_s": items, "slope": slope,
-               "learning_rate": lr, "train/grad_norm": float(values[-1]["grad_norm"])}
+        f"loss {loss:.4f}{shown}  {items:.0f} {self.data.item_name}/s{_figures(scheduled)}{lr}"
+        f"  remaining {metrics.format_duration((self.total_steps - self.step) / rate)}")
     scalars.update({f"train/{k.lower()}": v for k, v in extra.items()})
     scalars.update({f"train/{k}": float(v) for k, v in values[-1].items() if k not in ("loss", "grad_norm")})
     writer.scalars(self.step, scalars)
@@ -226,21 +249,22 @@ class Run:
 
   # ----------------------------------------------------------------------- evaluation
 
-  def evaluate(self, split: str, params, slope: float, max_batches: int | None = None) -> dict:
+  def evaluate(self, split: str, params, schedule, max_batches: int | None = None) -> dict:
     """The experiment's result over ``split`` (carry through the split; sums in float64)."""
     batches = self.data.evals[split]
     carry = self.mapped.place(
         self.experiment.init_carry(self.config.eval_batch_size // self.hosts.count))
     sums = []
     for k in range(min(len(batches), max_batches or len(batches))):
-      carry, s = self.mapped.eval(params, carry, batches[k], slope)
+      carry, s = self.mapped.eval(params, carry, batches[k], schedule)
       sums.append(s)
     return self.experiment.summarize(_sum_float64(sums))
 
-  def validate(self, writer, slope: float) -> bool:
-    """Validation at this step: the plateau schedule and the best step; True if improved."""
+  def validate(self, writer, schedule) -> bool:
+    """Validation at this step: the plateau and the best step; True if improved."""
     self.read_metrics()
-    result = self.evaluate("validation", self.state.params, slope, self.config.eval_max_segments)
+    result = self.evaluate(self.data.validation, self.state.params, schedule,
+                           self.config.eval_max_segments)
     objective = float(result[self.experiment.objective])
     if not math.isfinite(objective):
       raise NonFiniteError(f"non-finite validation {self.experiment.objective} ({objective}) at "
@@ -255,14 +279,16 @@ class Run:
           f"diverged: validation {self.experiment.objective} {objective:.4g} at step "
           f"{self.step} is above {bound:.4g}, worse than the experiment allows for a model "
           f"that learns at all; {kept}. Lower --learning_rate.")
-    _, self.host_plateau = self.plateau.update({}, self.host_plateau, value=objective)
-    self.state = self.state.replace(plateau=self.mapped.replicate(self.host_plateau))
+    if self.optimizer.plateau is not None:
+      _, self.host_plateau = self.optimizer.plateau.update({}, self.host_plateau, value=objective)
+      self.state = self.state.replace(plateau=self.mapped.replicate(self.host_plateau))
     improved = self.meta["best"] is None or objective < self.meta["best"]
     if improved:
       self.meta["best"], self.meta["best_step"] = objective, self.step
     scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.number))}
     self.meta["history"].append({"step": self.step, **scalars})
-    say("\n".join(self.experiment.summary_lines(f"step {self.step} validation", result)))
+    say("\n".join(self.experiment.summary_lines(f"step {self.step} {self.data.validation}",
+                                                result)))
     writer.scalars(self.step, {f"valid/{k}": v for k, v in scalars.items()})
     return improved
 
@@ -278,16 +304,16 @@ class Run:
       raise NonFiniteError(f"non-finite parameters or optimiser state after step {self.step}; "
                            f"{self._last_good()}. Lower --learning_rate.")
     position = self.step % self.steps_per_epoch
-    slope = self.config.slope(self.step / self.steps_per_epoch)
+    schedule = self.schedule(self.step)
     probe = float(self.mapped.fetch(
-        self.mapped.probe(self.state, self.data.train[position], slope, position == 0)))
+        self.mapped.probe(self.state, self.data.train[position], schedule, position == 0)))
     if not math.isfinite(probe):
       raise NonFiniteError(
           f"the parameters after step {self.step} give a non-finite loss ({probe}) on the next "
           f"batch; {self._last_good()}. Lower --learning_rate.")
     self.ckpt.save(self.step, self.state, dict(
         self.meta, step=self.step, epoch=self.step / self.steps_per_epoch, position=position,
-        slope=slope))
+        schedule=jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), schedule)))
     self._saved_step = self.step
 
   # ----------------------------------------------------------------------- the end
@@ -299,22 +325,22 @@ class Run:
       raise RunError(f"the checkpoints in {self.ckpt.directory} name no best step; run again")
     say(f"final report: the best checkpoint (step {best}) on validation and test")
     try:
-      best_state, best_meta = self.ckpt.restore(best, self.abstract)
+      best_state, _ = self.ckpt.restore(best, self.abstract)
     except Exception as err:
       raise RunError(f"the best checkpoint (step {best}) in {self.ckpt.directory} cannot be read "
                      f"({first_line(err)})") from None
     params = best_state.params
-    slope = float(best_meta["slope"])
-    results = {split: self.evaluate(split, params, slope) for split in ("validation", "test")}
-    lines = [f"best checkpoint: step {best} (slope {slope:.2f})"]
-    for split in ("validation", "test"):
-      lines += self.experiment.summary_lines(split, results[split])
-    out = {"valid": results["validation"], "test": results["test"], "best_step": best,
-           "steps": self.step, "data": dict(self.data.metadata),
+    schedule = self.schedule(best)
+    results = {split: self.evaluate(split, params, schedule) for split in self.data.evals}
+    scheduled = _figures(self.experiment.schedule_scalars(schedule)).strip()
+    lines = [f"best checkpoint: step {best}" + (f" ({scheduled})" if scheduled else "")]
+    for split, result in results.items():
+      lines += self.experiment.summary_lines(split, result)
+    out = {**results, "best_step": best, "steps": self.step, "data": dict(self.data.metadata),
            "history": list(self.meta["history"]),
            "parameters": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))}
     if distributed.is_primary():  # figures and samples: one process's work and files
-      extra, extra_lines = self.experiment.report(self.mapped.local_copy(params), slope,
+      extra, extra_lines = self.experiment.report(self.mapped.local_copy(params), schedule,
                                                   self.workdir.path)
       out.update(extra)
       lines += list(extra_lines)
@@ -322,6 +348,29 @@ class Run:
     self.workdir.write("results.json", json.dumps(out, indent=1))
     out["report"] = "\n".join(lines)
     return out
+
+
+@contextlib.contextmanager
+def open_run(experiment: Experiment, workdir: str) -> Iterator[Run]:
+  """The way into a run: checks the devices against the batch sizes, holds ``workdir`` (its
+  lock and saved configuration, :func:`~.workdir.open_workdir`), handles SIGTERM / SIGINT,
+  loads the data and restores the newest readable checkpoint (or the initial state), then
+  yields the :class:`Run`. On exit the checkpoints are closed and the signal handlers and
+  the lock released.
+
+  Raises:
+    ValueError, RunError: as :func:`train_and_evaluate`, before anything is trained.
+  """
+  config = experiment.config.train
+  devices = parallel.mesh_devices(config.num_devices)
+  config.check_devices(len(devices))
+  with open_workdir(workdir, experiment.config) as wd, Signals() as signals:
+    run = Run(experiment, wd, devices, signals)
+    try:
+      run.restore()
+      yield run
+    finally:
+      run.ckpt.close()
 
 
 def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | None = None) -> dict:
@@ -346,24 +395,15 @@ def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | No
       checkpoint is left as it was.
     Preempted: a stop request during the final report.
   """
-  config = experiment.config.train
-  devices = parallel.mesh_devices(config.num_devices)
-  config.check_devices(len(devices))
-  with open_workdir(workdir, experiment.config) as wd, Signals() as signals:
-    run = Run(experiment, wd, devices)
-    writer = None
+  with open_run(experiment, workdir) as run:
+    run.workdir.write_config()
+    writer = metrics.Writer(run.workdir.path)
     try:
-      run.restore()
-      wd.write_config()
-      writer = metrics.Writer(wd.path)
-      status = run.train(signals, writer, max_steps)
-      writer.close()
-      result = {"status": status, "step": run.step, "train_losses": run.losses}
-      if status == "done":
-        signals.make_urgent()
-        result.update(run.final_report())
-      return result
+      status = run.train(writer, max_steps)
     finally:
-      if writer is not None:
-        writer.close()
-      run.ckpt.close()
+      writer.close()
+    result = {"status": status, "step": run.step, "train_losses": run.losses}
+    if status == "done":
+      run.signals.make_urgent()
+      result.update(run.final_report())
+    return result

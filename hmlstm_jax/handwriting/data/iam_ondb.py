@@ -41,9 +41,9 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hmlstm_jax.data import corpora
-from hmlstm_jax.data import strokes
-from hmlstm_jax.data.corpora import SPLITS
+from hmlstm_jax import tfds_util
+from hmlstm_jax.handwriting.data import strokes
+from hmlstm_jax.tfds_util import SPLITS
 
 PAGE = "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database"
 ARCHIVE = "lineStrokes-all.tar.gz"
@@ -112,13 +112,13 @@ class IamOndb(tfds.core.GeneratorBasedBuilder):
       f"({', '.join(TASK_LISTS)}) in the manual directory.")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return corpora.ordered_info(
+    return tfds_util.ordered_info(
         self, {"id": tfds.features.Text(),
                "points": tfds.features.Tensor(shape=(None, 3), dtype=np.float32)},
         PAGE, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    manual = corpora.manual_dir_of(dl_manager)
+    manual = tfds_util.manual_dir_of(dl_manager)
     missing = [f for f in required_files() if not os.path.isfile(os.path.join(manual, f))]
     if missing:
       raise FileNotFoundError(missing_files_message(manual, missing))
@@ -148,7 +148,7 @@ class IamOndb(tfds.core.GeneratorBasedBuilder):
         samples += read_task_list(f.read())
     wanted = set(samples)
     archive = os.path.join(manual, ARCHIVE)
-    logging.info("IAM-OnDB: reading %s (sha256 %s) for %d samples", archive, corpora.sha256_of(archive),
+    logging.info("IAM-OnDB: reading %s (sha256 %s) for %d samples", archive, tfds_util.sha256_of(archive),
                  len(wanted))
     lines, found = {}, set()
     try:
@@ -197,7 +197,7 @@ def load_iam_ondb(data_dir: str | None = None, manual_dir: str | None = None) ->
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   splits, ids = {}, {}
   for split in SPLITS:
-    examples = corpora.ordered_examples(builder, split)
+    examples = tfds_util.ordered_examples(builder, split)
     splits[split] = [np.asarray(ex["points"], np.float32) for ex in examples]
     ids[split] = [ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
                   for ex in examples]

@@ -9,14 +9,14 @@ import numpy as np
 from hmlstm_jax import analysis
 from hmlstm_jax import handwriting as hw
 from hmlstm_jax import hmlstm
-from hmlstm_jax import mdn
-from hmlstm_jax.data import strokes
+from hmlstm_jax.handwriting import mdn
+from hmlstm_jax.handwriting.data import strokes
 
 
 def boundaries(params, config: hw.HandwritingConfig, offsets: np.ndarray, slope: float) -> np.ndarray:
   """z^ℓ_t of every detector layer after reading each point of one sequence (normalised
   offsets, (N, 3)): (L - 1, N)."""
-  state = hmlstm.initial_state(config.hmlstm, 1)
+  state = hmlstm.initial_state(config.rnn, 1)
   _, outs = hw.handwriting_apply(params, state, jnp.asarray(offsets, jnp.float32)[None], slope,
                                  config=config, deterministic=True)
   return np.stack([np.asarray(z[:, 0, 0]) for z in outs.rnn.z[:-1]]) if outs.rnn.z else np.zeros((0, len(offsets)))
@@ -37,7 +37,7 @@ def generate(params, config: hw.HandwritingConfig, num_steps: int, key: jax.Arra
       y = mdn.sample(jax.tree_util.tree_map(lambda a: a[:, -1], mix), k)[:, None]
       return (outs.final_state, y), y[:, 0]
 
-    init = (hmlstm.initial_state(config.hmlstm, num_samples), start)
+    init = (hmlstm.initial_state(config.rnn, num_samples), start)
     _, ys = jax.lax.scan(body, init, jax.random.split(key, num_steps))
     return jnp.swapaxes(ys, 0, 1)
 

@@ -13,8 +13,8 @@ import string
 
 import numpy as np
 
-from hmlstm_jax.data.corpus import Corpus
-from hmlstm_jax.data.corpus import Vocabulary
+from hmlstm_jax.charlm.data.corpus import Corpus
+from hmlstm_jax.charlm.data.corpus import Vocabulary
 
 WORD_SEPARATOR = " "
 PHRASE_SEPARATOR = "."

@@ -14,7 +14,6 @@ splits as arrays of symbol ids with the vocabulary built from the training split
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import tarfile
@@ -25,12 +24,16 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hmlstm_jax.data.corpus import Corpus
-from hmlstm_jax.data.corpus import Vocabulary
-from hmlstm_jax.data.corpus import separator_labels
+from hmlstm_jax.charlm.data.corpus import Corpus
+from hmlstm_jax.charlm.data.corpus import Vocabulary
+from hmlstm_jax.charlm.data.corpus import separator_labels
+from hmlstm_jax.tfds_util import SPLITS
+from hmlstm_jax.tfds_util import manual_dir_of
+from hmlstm_jax.tfds_util import ordered_examples
+from hmlstm_jax.tfds_util import ordered_info
+from hmlstm_jax.tfds_util import sha256_of
 
 CHUNK_BYTES = 1 << 20
-SPLITS = ("train", "validation", "test")
 
 
 class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
@@ -103,29 +106,6 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, data: bytes):
     for i, start in enumerate(range(0, len(data), CHUNK_BYTES)):
       yield i, {"index": i, "chunk": np.frombuffer(data[start:start + CHUNK_BYTES], np.uint8)}
-
-
-def ordered_info(builder, features: dict, homepage: str, **kwargs) -> tfds.core.DatasetInfo:
-  """A builder's info: its examples numbered by ``index`` and stored in order."""
-  return tfds.core.DatasetInfo(
-      builder=builder, description=builder.__doc__,
-      features=tfds.features.FeaturesDict({"index": np.int64, **features}),
-      disable_shuffling=True,  # as a DatasetInfo argument: a class attribute is ignored
-      homepage=homepage, **kwargs)
-
-
-def manual_dir_of(dl_manager) -> str:
-  """The manual directory, whether or not it exists yet (TFDS asserts on a missing one)."""
-  try:
-    return os.fspath(dl_manager.manual_dir)
-  except AssertionError:  # no manual directory, or an empty one
-    return os.fspath(getattr(dl_manager, "_manual_dir", None) or "<data_dir>/downloads/manual")
-
-
-def ordered_examples(builder: tfds.core.DatasetBuilder, split: str) -> list:
-  """A prepared split's examples in ``index`` order, read from its array_record files."""
-  source = builder.as_data_source(split)
-  return sorted((source[i] for i in range(len(source))), key=lambda ex: int(ex["index"]))
 
 
 def _check_reachable(url: str, timeout: float = 10.0) -> None:
@@ -281,12 +261,3 @@ def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None =
                      "archive: delete that directory and run again to prepare it anew") from None
   return Corpus(name=name, vocab=vocab, splits=splits,
                 labels={s: separator_labels(b, WORD_SEPARATORS[name]) for s, b in raw.items()})
-
-
-def sha256_of(path: str) -> str:
-  """Hex SHA-256 of a file (logged after a download, so that a run records what it read)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()

@@ -1,0 +1,44 @@
+"""What the TFDS builders of both tasks share (the corpora of :mod:`hmlstm_jax.charlm.data`,
+IAM-OnDB of :mod:`hmlstm_jax.handwriting.data`): the split names, examples numbered and read
+back in order, the manual directory, a file's checksum for the log."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+SPLITS = ("train", "validation", "test")
+
+
+def ordered_info(builder, features: dict, homepage: str, **kwargs) -> tfds.core.DatasetInfo:
+  """A builder's info: its examples numbered by ``index`` and stored in order."""
+  return tfds.core.DatasetInfo(
+      builder=builder, description=builder.__doc__,
+      features=tfds.features.FeaturesDict({"index": np.int64, **features}),
+      disable_shuffling=True,  # as a DatasetInfo argument: a class attribute is ignored
+      homepage=homepage, **kwargs)
+
+
+def manual_dir_of(dl_manager) -> str:
+  """The manual directory, whether or not it exists yet (TFDS asserts on a missing one)."""
+  try:
+    return os.fspath(dl_manager.manual_dir)
+  except AssertionError:  # no manual directory, or an empty one
+    return os.fspath(getattr(dl_manager, "_manual_dir", None) or "<data_dir>/downloads/manual")
+
+
+def ordered_examples(builder: tfds.core.DatasetBuilder, split: str) -> list:
+  """A prepared split's examples in ``index`` order, read from its array_record files."""
+  source = builder.as_data_source(split)
+  return sorted((source[i] for i in range(len(source))), key=lambda ex: int(ex["index"]))
+
+
+def sha256_of(path: str) -> str:
+  """Hex SHA-256 of a file (logged after a download, so that a run records what it read)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
