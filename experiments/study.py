@@ -170,6 +170,7 @@ def summary(runs: list[dict]) -> dict:
   out = {"parameters": runs[0]["parameters"], "steps": runs[0]["steps"], "seeds": len(runs),
          "wall_s": float(np.mean([r.get("wall_s", 0.0) for r in runs])),
          "diverged": diverged,
+         # results.json names each split since issue 22; runs finished before it say "valid"
          "valid_bpc": stat([r.get("validation", r.get("valid"))["bpc"] for r in runs]),
          "test_bpc": stat([r["test"]["bpc"] for r in runs])}
   if "op_counts" in runs[0]["test"]:
