@@ -97,6 +97,8 @@ class Experiment:
   it in ``config.json`` and refuses to resume a workdir whose saved configuration differs in
   a setting that is not ``changeable``.
 
+  The trainer calls :meth:`load_data` once, first (before :meth:`init_params` and every
+  other hook), so a hook may read what it set on ``self`` (e.g. the vocabulary size).
   Methods that run inside the mapped steps (``init_carry``, ``loss``, ``loss_weight``,
   ``eval_sums``) are traced once per shape: they must be pure functions of their arguments
   and of what ``__init__`` and :meth:`load_data` set on ``self`` (static settings).
