@@ -179,6 +179,10 @@ def summary(runs: list[dict]) -> dict:
     for label in ("word", "word+1"):  # at the separator, and one step later
       f1 = np.asarray([[layer[2] for layer in r["test"]["boundaries"][label]] for r in runs])
       out[f"f1_{label}"] = f1.mean(0)[:-1].tolist()  # z1, z2 (the last layer has no detector)
+    dead = [h["dead_detectors"] for r in runs for h in r.get("history", [])
+            if "dead_detectors" in h]  # recorded by runs since issue 18's counter
+    if dead:
+      out["dead_detectors"] = int(max(dead))  # the most at any validation of any seed
   return out
 
 
@@ -195,6 +199,8 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
       continue
     note = f" ({len(s['diverged'])} more seed(s) {stopped})" if stopped else ""
     compute = " / ".join(f"{c:.0%}" for c in s["compute"]) if "compute" in s else "100% each"
+    if s.get("dead_detectors"):
+      compute += f" ({s['dead_detectors']} detector(s) dead at a validation)"
     f1 = [f"{s['f1_word'][l]:.2f}, {s['f1_word+1'][l]:.2f}" if "f1_word" in s else "—"
           for l in range(2)]
     lines.append(f"| {name} | {what} | {s['parameters']:,} | {s['steps']} | "

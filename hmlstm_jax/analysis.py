@@ -43,7 +43,8 @@ def boundary_counts(z: jax.Array, labels: dict[str, jax.Array],
 def boundary_sums(initial: hmlstm.State, rnn: hmlstm.UnrollOutputs, labels: dict,
                   mask: jax.Array | None = None) -> dict:
   """An evaluation batch's boundary bookkeeping, on the device: ``op_counts`` (L, 3) COPY /
-  UPDATE / FLUSH per layer (decisions.md §3) and ``boundaries`` (per label, :func:`boundary_counts`).
+  UPDATE / FLUSH per layer (decisions.md §3), ``fires`` (L,) the steps on which each layer's
+  z = 1, and ``boundaries`` (per label, :func:`boundary_counts`).
 
   Args:
     initial: the state before the batch (the operation at step 0 depends on its z).
@@ -53,14 +54,19 @@ def boundary_sums(initial: hmlstm.State, rnn: hmlstm.UnrollOutputs, labels: dict
   """
   ops = hmlstm.operations(initial, rnn)
   z = jnp.stack([jnp.swapaxes(z[..., 0], 0, 1) for z in rnn.z])  # (L, rows, T)
+  fired = z > 0.5 if mask is None else (z > 0.5) & (jnp.asarray(mask)[None] > 0)
   return {"op_counts": hmlstm.operation_counts(ops, None if mask is None else jnp.asarray(mask).T),
+          "fires": jnp.sum(fired, axis=(1, 2), dtype=jnp.int32),
           "boundaries": boundary_counts(z, labels, mask)}
 
 
 def boundary_results(sums: dict, label_names) -> dict:
-  """The summed :func:`boundary_sums` as JSON-able results: ``op_counts`` per layer and, per
-  label, each layer's (precision, recall, F1)."""
+  """The summed :func:`boundary_sums` as JSON-able results: ``op_counts`` per layer,
+  ``dead_detectors`` (the boundary detectors, layers 1..L-1, whose z never fired over the
+  split) and, per label, each layer's (precision, recall, F1)."""
+  fires = np.asarray(sums["fires"])[:-1]  # the last layer has no detector
   return {"op_counts": np.asarray(sums["op_counts"]).tolist(),
+          "dead_detectors": [l + 1 for l in range(len(fires)) if fires[l] == 0],
           "boundaries": {name: precision_recall_f1(sums["boundaries"][name]).tolist()
                          for name in label_names}}
 
@@ -77,10 +83,13 @@ def boundary_rates(rnn: hmlstm.UnrollOutputs, mask: jax.Array | None = None) -> 
 
 def boundary_scalars(result: dict) -> dict:
   """Flat scalars of :func:`boundary_results` for curves: ``compute<ℓ>`` (the share of steps
-  on which layer ℓ UPDATEs or FLUSHes) per layer, ``f1_z<ℓ>_<label>`` per detector and label."""
+  on which layer ℓ UPDATEs or FLUSHes) per layer, ``dead_detectors`` (how many detectors never
+  fired: in every validation of the history, so that one sees when a detector dies),
+  ``f1_z<ℓ>_<label>`` per detector and label."""
   counts = np.asarray(result["op_counts"], np.float64)  # (L, 3) COPY, UPDATE, FLUSH
   out = {f"compute{l + 1}": float(counts[l, 1:].sum() / max(counts[l].sum(), 1.0))
          for l in range(len(counts))}
+  out["dead_detectors"] = float(len(result["dead_detectors"]))
   for name, prf in result["boundaries"].items():
     out.update({f"f1_z{l + 1}_{name}": float(prf[l][2]) for l in range(len(prf) - 1)})
   return out
@@ -125,12 +134,16 @@ def save_png(fig, path: str) -> None:
   files.write_atomically(path, png.getvalue())
 
 
-def operation_lines(op_counts) -> list[str]:
-  """One line per layer: its UPDATE / COPY / FLUSH counts and how often it computes."""
+def operation_lines(op_counts, dead_detectors=()) -> list[str]:
+  """One line per layer: its UPDATE / COPY / FLUSH counts and how often it computes; and a
+  line naming the dead detectors (z never fired), if any."""
   counts = np.asarray(op_counts)
-  return [f"  layer {l + 1}: UPDATE {update:.0f}  COPY {copy:.0f}  FLUSH {flush:.0f}  "
-          f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)"
-          for l, (copy, update, flush) in enumerate(counts)]
+  lines = [f"  layer {l + 1}: UPDATE {update:.0f}  COPY {copy:.0f}  FLUSH {flush:.0f}  "
+           f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)"
+           for l, (copy, update, flush) in enumerate(counts)]
+  if dead_detectors:
+    lines.append(f"  dead detectors (z never fired): layer {', '.join(map(str, dead_detectors))}")
+  return lines
 
 
 def boundary_lines(boundaries: dict, unit: str = "ends") -> list[str]:

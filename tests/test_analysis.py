@@ -26,3 +26,25 @@ def test_labels_one_step_later():
   labels = analysis.with_next_step({"word": np.array([True, False, True, True, False])})
   np.testing.assert_array_equal(labels["word+1"], [False, True, False, True, True])
   np.testing.assert_array_equal(labels["word"], [True, False, True, True, False])
+
+
+def test_a_detector_that_never_fires_over_the_split_is_counted_dead():
+  """z¹ fires; z² fires only on padding, so it is dead; the last layer has no detector."""
+  import jax.numpy as jnp
+  from hmlstm_jax import hmlstm
+  z = np.zeros((3, 4, 2, 1), np.float32)   # layers, (T, rows, 1) each
+  z[0, 1, 0] = 1.0                          # z¹ fires once, on a real step
+  z[1, 3, 1] = 1.0                          # z² fires once, on padding
+  rnn = hmlstm.UnrollOutputs(h=(), z=tuple(jnp.asarray(zl) for zl in z))
+  mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)   # (rows, T)
+  initial = tuple(hmlstm.LayerState(h=jnp.zeros((2, 1)), c=jnp.zeros((2, 1)),
+                                    z=jnp.zeros((2, 1))) for _ in range(3))
+  sums = analysis.boundary_sums(initial, rnn, {"word": np.zeros((2, 4), bool)}, mask)
+  np.testing.assert_array_equal(sums["fires"], [1, 0, 0])
+  result = analysis.boundary_results(sums, ["word"])
+  assert result["dead_detectors"] == [2]
+  assert analysis.boundary_scalars(result)["dead_detectors"] == 1.0
+  assert analysis.operation_lines(result["op_counts"], result["dead_detectors"])[-1] == (
+      "  dead detectors (z never fired): layer 2")
+  alive = analysis.boundary_results(dict(sums, fires=np.array([1, 1, 0])), ["word"])
+  assert alive["dead_detectors"] == [] and len(analysis.operation_lines(alive["op_counts"])) == 3

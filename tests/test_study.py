@@ -32,7 +32,8 @@ def test_quick_study_runs_the_binary_per_row_and_prints_one_table(tmp_path):
     assert run["wall_s"] > 0 and run["history"][-1]["step"] == run["steps"]  # the curves' data
     assert os.path.getsize(os.path.join(work, "curves", f"{name}.png")) > 1000
   assert os.path.getsize(os.path.join(work, "tradeoff.png")) > 1000
-  assert set(saved["runs"]["paper"][0]["history"][-1]) >= {"bpc", "compute3", "f1_z1_word"}
+  assert set(saved["runs"]["paper"][0]["history"][-1]) >= {"bpc", "compute3", "f1_z1_word",
+                                                           "dead_detectors"}
   penalised = open(os.path.join(work, "rate_band_seed0.log")).read()  # the penalty ran
   assert "--rate_weight" not in penalised and "BPC" in penalised
   assert json.load(open(os.path.join(work, "rate_band_seed0", "config.json")))["rate_weight"] == 10
@@ -68,3 +69,19 @@ def test_diverged_seeds_are_reported_not_averaged():
   text = study.table([("a", "one diverged", half), ("b", "both diverged", both)])
   assert "2.500 ± 0.000 (1 more seed(s) diverged at step 41)" in text
   assert "| b | both diverged | — | — | — | diverged at step 41, 41 |" in text
+
+
+def test_a_detector_dead_at_any_validation_is_reported_in_its_row():
+  from experiments import study
+  prf = [[0.5, 0.5, 0.5]] * 3
+  test = {"bpc": 2.5, "op_counts": [[0, 9, 1], [5, 4, 1], [10, 0, 0]],
+          "boundaries": {"word": prf, "word+1": prf}}
+  run = lambda dead: {"parameters": 10, "steps": 5, "validation": {"bpc": 2.0}, "test": test,
+                      "history": [{"step": 5, "dead_detectors": d} for d in dead]}
+  row = study.summary([run([0.0, 1.0, 0.0]), run([0.0])])
+  assert row["dead_detectors"] == 1 and row["valid_bpc"] == (2.0, 0.0)
+  assert "100% / 50% / 0% (1 detector(s) dead at a validation) |" in study.table([("a", "x", row)])
+  alive = study.summary([run([0.0])])
+  assert alive["dead_detectors"] == 0 and "dead at" not in study.table([("a", "x", alive)])
+  older = dict(run([]), history=[{"step": 5}])   # a run from before the counter
+  assert "dead_detectors" not in study.summary([older])
