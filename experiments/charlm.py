@@ -138,7 +138,7 @@ class CharLM(SlopeAnnealing, Experiment):
   def summary_lines(self, name, result):
     lines = [f"{name}: BPC {result['bpc']:.4f} over {result['chars']} characters"]
     if "op_counts" in result:
-      lines += analysis.operation_lines(result["op_counts"], result["dead_detectors"])
+      lines += analysis.operation_lines(result["op_counts"], result["dead_layers"])
       lines += analysis.boundary_lines(result["boundaries"])
     return lines
 

@@ -156,7 +156,7 @@ class Handwriting(SlopeAnnealing, Experiment):
     lines = [f"{name}: log-likelihood {result['loglik_per_sequence']:.1f} per sequence "
              f"({result['loglik_per_point']:.4f} per point) over {result['sequences']} sequences"]
     if "op_counts" in result:
-      lines += analysis.operation_lines(result["op_counts"], result["dead_detectors"])
+      lines += analysis.operation_lines(result["op_counts"], result["dead_layers"])
       lines += analysis.boundary_lines(result["boundaries"])
     return lines
 

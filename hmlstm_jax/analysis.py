@@ -62,11 +62,11 @@ def boundary_sums(initial: hmlstm.State, rnn: hmlstm.UnrollOutputs, labels: dict
 
 def boundary_results(sums: dict, label_names) -> dict:
   """The summed :func:`boundary_sums` as JSON-able results: ``op_counts`` per layer,
-  ``dead_detectors`` (the boundary detectors, layers 1..L-1, whose z never fired over the
+  ``dead_layers`` (the layers 1..L-1 whose boundary detector's z never fired over the
   split) and, per label, each layer's (precision, recall, F1)."""
   fires = np.asarray(sums["fires"])[:-1]  # the last layer has no detector
   return {"op_counts": np.asarray(sums["op_counts"]).tolist(),
-          "dead_detectors": [l + 1 for l in range(len(fires)) if fires[l] == 0],
+          "dead_layers": [l + 1 for l in range(len(fires)) if fires[l] == 0],
           "boundaries": {name: precision_recall_f1(sums["boundaries"][name]).tolist()
                          for name in label_names}}
 
@@ -89,7 +89,7 @@ def boundary_scalars(result: dict) -> dict:
   counts = np.asarray(result["op_counts"], np.float64)  # (L, 3) COPY, UPDATE, FLUSH
   out = {f"compute{l + 1}": float(counts[l, 1:].sum() / max(counts[l].sum(), 1.0))
          for l in range(len(counts))}
-  out["dead_detectors"] = float(len(result["dead_detectors"]))
+  out["dead_detectors"] = float(len(result["dead_layers"]))
   for name, prf in result["boundaries"].items():
     out.update({f"f1_z{l + 1}_{name}": float(prf[l][2]) for l in range(len(prf) - 1)})
   return out
@@ -134,15 +134,15 @@ def save_png(fig, path: str) -> None:
   files.write_atomically(path, png.getvalue())
 
 
-def operation_lines(op_counts, dead_detectors=()) -> list[str]:
+def operation_lines(op_counts, dead_layers=()) -> list[str]:
   """One line per layer: its UPDATE / COPY / FLUSH counts and how often it computes; and a
   line naming the dead detectors (z never fired), if any."""
   counts = np.asarray(op_counts)
   lines = [f"  layer {l + 1}: UPDATE {update:.0f}  COPY {copy:.0f}  FLUSH {flush:.0f}  "
            f"(computes on {(update + flush) / counts[0].sum():.1%} of steps)"
            for l, (copy, update, flush) in enumerate(counts)]
-  if dead_detectors:
-    lines.append(f"  dead detectors (z never fired): layer {', '.join(map(str, dead_detectors))}")
+  if dead_layers:
+    lines.append(f"  dead detectors (z never fired): layer {', '.join(map(str, dead_layers))}")
   return lines
 
 

@@ -42,9 +42,26 @@ def test_a_detector_that_never_fires_over_the_split_is_counted_dead():
   sums = analysis.boundary_sums(initial, rnn, {"word": np.zeros((2, 4), bool)}, mask)
   np.testing.assert_array_equal(sums["fires"], [1, 0, 0])
   result = analysis.boundary_results(sums, ["word"])
-  assert result["dead_detectors"] == [2]
+  assert result["dead_layers"] == [2]
   assert analysis.boundary_scalars(result)["dead_detectors"] == 1.0
-  assert analysis.operation_lines(result["op_counts"], result["dead_detectors"])[-1] == (
+  assert analysis.operation_lines(result["op_counts"], result["dead_layers"])[-1] == (
       "  dead detectors (z never fired): layer 2")
   alive = analysis.boundary_results(dict(sums, fires=np.array([1, 1, 0])), ["word"])
-  assert alive["dead_detectors"] == [] and len(analysis.operation_lines(alive["op_counts"])) == 3
+  assert alive["dead_layers"] == [] and len(analysis.operation_lines(alive["op_counts"])) == 3
+
+
+
+def test_both_experiments_report_a_dead_detector_in_their_summary():
+  """The path a validation takes: summarize (results and their scalars) → summary_lines."""
+  from experiments import charlm, handwriting
+  counts = np.array([[1, 1, 0], [0, 0, 2], [0, 0, 2]])   # (tp, fp, fn) per layer
+  sums = {"op_counts": np.array([[0, 9, 1], [8, 2, 0], [10, 0, 0]]), "fires": np.array([2, 0, 0]),
+          "boundaries": {"word": counts, "word+1": counts}}
+  for experiment, own in ((charlm.CharLM(charlm.Config()), {"nll": 20.0, "count": 10.0}),
+                          (handwriting.Handwriting(handwriting.Config()),
+                           {"loglik": 5.0, "sequences": 1.0, "points": 10.0})):
+    experiment.label_names = ["word", "word+1"]  # what load_data sets
+    result = experiment.summarize(dict(sums, **own))
+    assert result["dead_layers"] == [2] and result["dead_detectors"] == 1.0
+    lines = experiment.summary_lines("validation", result)
+    assert "  dead detectors (z never fired): layer 2" in lines
