@@ -2,8 +2,6 @@
 import io
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
