@@ -134,6 +134,13 @@ def test_a_toy_experiment_trains_with_its_own_schedule_optimiser_and_splits(tmp_
   out = capsys.readouterr().out
   assert "weight 0.00" in out and "weight 1.00" in out and " lr " not in out
   assert "step 16 dev: loss" in out and "heldout: loss" in out
+  split = Split(1, 8, 8, 0.1, training.Hosts(0, 1))
+  with pytest.raises(ValueError, match=r"may not be named \['history'\]"):
+    training.Data(train=split, evals={"history": split}, description="", items_per_batch=1,
+                  validation="history")
+  with pytest.raises(ValueError, match="validation split 'dev' is not among"):
+    training.Data(train=split, evals={"test": split}, description="", items_per_batch=1,
+                  validation="dev")
 
 
 def test_open_run_gives_the_parts_and_the_experiments_optimiser_is_applied(tmp_path):

@@ -40,6 +40,11 @@ from typing import Any, NamedTuple, Protocol, Sequence
 from hmlstm_jax.training import steps
 
 
+#: What ``results.json`` (and ``train_and_evaluate``'s result) holds besides the splits.
+RESULT_KEYS = frozenset({"best_step", "steps", "data", "history", "parameters", "status", "step",
+                         "train_losses", "report"})
+
+
 class Hosts(NamedTuple):
   """Which share of the rows this process serves: rows [index·B/count, (index+1)·B/count)."""
   index: int
@@ -84,6 +89,10 @@ class Data:
   validation: str = "validation"
 
   def __post_init__(self):
+    taken = sorted(set(self.evals) & RESULT_KEYS)
+    if taken:
+      raise ValueError(f"evaluation splits may not be named {taken}: results.json uses those "
+                       "keys for the run itself; rename the split")
     if self.validation not in self.evals:
       raise ValueError(f"the validation split {self.validation!r} is not among the evaluation "
                        f"splits {list(self.evals)}")
