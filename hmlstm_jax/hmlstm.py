@@ -285,9 +285,11 @@ def _small_params(params) -> tuple[dict, ...]:
   return tuple({k: v for k, v in p.items() if k not in _MATRICES} for p in params)
 
 
-def _kernels(params) -> tuple[tuple[jax.Array, ...], ...]:
-  """Per layer, :func:`cell.layer_kernels`; layer 1's bottom-up term is hoisted out of the step."""
-  return tuple(cell.layer_kernels(p, hoisted=layer == 0) for layer, p in enumerate(params))
+def _kernels(params, apart: bool = False) -> tuple[tuple[jax.Array, ...], ...]:
+  """Per layer, :func:`cell.layer_kernels` (``apart``: each term its own, as :func:`step`
+  uses them); layer 1's bottom-up term is hoisted out of the step."""
+  return tuple(cell.layer_kernels(p, hoisted=layer == 0, apart=apart)
+               for layer, p in enumerate(params))
 
 
 def _local_detector_column(config: HMLSTMConfig, layer: int) -> int | None:
@@ -636,10 +638,8 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
   check_inputs(config, state, x_t, slope, time_major=False)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
-  kernels = tuple(cell.layer_kernels(p, hoisted=layer == 0, apart=True)
-                  for layer, p in enumerate(params))
-  body = _forward_body(_small_params(params), kernels, slope, config, False, skip_copy,
-                       one_step=True)
+  body = _forward_body(_small_params(params), _kernels(params, apart=True), slope, config, False,
+                       skip_copy, one_step=True)
   valid, reset = (_row_flags(name, flag, (x_t.shape[0],), x_t.dtype)
                   for name, flag in (("valid", valid), ("reset", reset)))
   xs_t = _per_layer_inputs(config, cell.bottom_up_term(params[0], x_t, config.matmul_dtype), noise,
