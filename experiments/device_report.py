@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 
 from absl import app
@@ -37,6 +35,7 @@ import jax
 from experiments import benchmark
 from experiments import generation
 from hmlstm_jax import files
+from hmlstm_jax.training import parallel
 
 TRAIN = ("hmlstm", "hmlstm_two_phase", "lstm", "cudnn_lstm")
 DTYPES = ("float32", "bfloat16")
@@ -60,18 +59,10 @@ def define_flags() -> None:
 
 def machine() -> dict:
   """What the figures were measured on: JAX's devices, the CPU's model and its vector flags."""
-  cpu = {"model": platform.processor() or "unknown", "flags": []}
-  try:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    cpu["model"] = fields.get("Model name", cpu["model"]).strip()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
-    cpu["flags"] = [f for f in fields.get("Flags", "").split() if f in wanted]
-  except (OSError, subprocess.CalledProcessError):
-    pass
   device = jax.devices()[0]
   return {"platform": device.platform, "device_kind": device.device_kind,
-          "device_count": jax.device_count(), "jax": jax.__version__, "cpu": cpu}
+          "device_count": jax.device_count(), "jax": jax.__version__,
+          "cpu": parallel.cpu_info()}
 
 
 def parts(quick: bool) -> list[tuple[str, str, str | None]]:

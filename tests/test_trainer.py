@@ -6,6 +6,7 @@ parts (settings, workdir, checkpoints) that do not need a model.
 import asyncio
 import dataclasses
 import gc
+import json
 import logging
 import os
 import subprocess
@@ -348,6 +349,36 @@ def test_a_kill_right_after_any_checkpoint_write_resumes_to_the_same_results(tmp
     resumed = training.train_and_evaluate(worsening(), path)
     assert resumed["best_step"] == straight["best_step"]
     assert resumed["test"] == straight["test"]
+
+
+def test_the_stopping_rule_ends_a_run_at_the_plateau_after_its_cuts_and_resumes_to_it(tmp_path):
+  """max_lr_cuts (decisions.md §4): validation worsens after step 16 (the best), so the plateau
+  (patience 1) cuts the learning rate at 32; with one cut allowed the run ends at the next
+  plateau, 48, not at 256. Its figures are on disk after every validation (progress.json);
+  a rerun goes straight to the same report; a raised max_lr_cuts continues to the next one."""
+  path = str(tmp_path / "run")
+  worsening = lambda **kw: Worsening(regression(**kw).config)
+  ended = training.train_and_evaluate(worsening(max_lr_cuts=1), path)
+  assert ended["status"] == "done" and ended["steps"] == 48 and ended["best_step"] == 16
+  assert ended["ended"] == "stopping rule" and ended["lr_cuts"] == 2
+  assert [h["lr_cuts"] for h in ended["history"]] == [0, 1, 2]
+  assert ended["train_s"] > 0 and ended["device"].startswith("2 x cpu (")
+  with open(os.path.join(path, "progress.json")) as f:
+    progress = json.load(f)
+  assert (progress["step"], progress["best_step"], progress["lr_cuts"]) == (48, 16, 2)
+  assert progress["ended"] == "stopping rule" and len(progress["history"]) == 3
+  again = training.train_and_evaluate(worsening(max_lr_cuts=1), path)
+  assert again["steps"] == 48 and again["train_losses"] == [] and again["test"] == ended["test"]
+  more = training.train_and_evaluate(worsening(max_lr_cuts=2), path)
+  assert more["steps"] == 64 and more["lr_cuts"] == 3 and len(more["train_losses"]) == 16
+  assert training.train_and_evaluate(worsening(max_lr_cuts=0),
+                                     str(tmp_path / "zero"))["steps"] == 32
+  unruled = training.train_and_evaluate(worsening(num_epochs=1), str(tmp_path / "none"))
+  assert unruled["steps"] == 64 and unruled["ended"] == "num_epochs" and unruled["lr_cuts"] == 3
+  with pytest.raises(ValueError, match="max_lr_cuts needs an optimiser that cuts"):
+    training.train_and_evaluate(Scheduled(regression(max_lr_cuts=1).config), str(tmp_path / "s"))
+  with pytest.raises(ValueError, match="max_lr_cuts must not be negative"):
+    regression(max_lr_cuts=-1)
 
 
 def _abandon_a_failed_read(message):

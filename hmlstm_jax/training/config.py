@@ -14,7 +14,8 @@ class TrainConfig:
 
   The default optimiser is the paper's (decisions.md §4, :meth:`optimizer`): Adam,
   global-norm clipping at ``clip_norm``, the learning rate multiplied by ``lr_decay_factor``
-  (1/50) when the validation objective stops improving. Settings marked changeable may
+  (1/50) when the validation objective stops improving; with ``max_lr_cuts`` the run ends
+  when it stops improving once more (the trainer's stopping rule). Settings marked changeable may
   differ when a run resumes; the others must match the checkpoint's.
   """
   batch_size: int = setting(64, "Rows (streams or sequences) per training batch, global over "
@@ -27,7 +28,12 @@ class TrainConfig:
   plateau_patience: int = setting(1, "Evaluations without improvement before the learning "
                                   "rate is cut.")
   num_epochs: float = setting(1.0, "Training epochs (may be fractional; may be raised to "
-                              "continue a finished run).", changeable=True)
+                              "continue a finished run). With max_lr_cuts, the most.",
+                              changeable=True)
+  max_lr_cuts: int | None = setting(
+      None, "The stopping rule (decisions.md §4): the run ends at the validation where the "
+      "objective stops improving after the learning rate has been cut this many times (the "
+      "paper's: 1, cut once, then end); unset: train num_epochs.", changeable=True)
   seed: int = setting(0, "Seed of the parameters and of every step's randomness.")
   num_devices: int | None = setting(None, "Local devices to use (default: all).",
                                     changeable=True)
@@ -45,6 +51,8 @@ class TrainConfig:
                  "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+    if self.max_lr_cuts is not None and self.max_lr_cuts < 0:
+      raise ValueError(f"max_lr_cuts must not be negative (or unset), got {self.max_lr_cuts}")
     for name in ("num_devices", "eval_max_segments"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1 (or unset), got {getattr(self, name)}")

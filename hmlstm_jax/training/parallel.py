@@ -19,6 +19,8 @@ another mesh. Measured on one CPU device, the trainer's loop runs at the bare st
 from __future__ import annotations
 
 import functools
+import platform
+import subprocess
 
 import jax
 from jax.sharding import Mesh
@@ -30,6 +32,31 @@ import numpy as np
 from hmlstm_jax.training import steps
 
 P = PartitionSpec
+
+
+def cpu_info() -> dict:
+  """This machine's CPU: ``{'model': lscpu's model name, 'flags': its vector flags that change
+  XLA:CPU's kernels (AVX2, AVX-512, bf16, AMX, FMA)}``; figures name it beside them."""
+  cpu = {"model": platform.processor() or "unknown", "flags": []}
+  try:
+    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    cpu["model"] = fields.get("Model name", cpu["model"]).strip()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+    cpu["flags"] = [f for f in fields.get("Flags", "").split() if f in wanted]
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return cpu
+
+
+def device_name(devices: list) -> str:
+  """What a run's figures were measured on: ``'1 x NVIDIA H200'``, ``'1 x cpu (AMD EPYC;
+  avx2 fma)'``."""
+  kind = devices[0].device_kind
+  if devices[0].platform == "cpu":
+    cpu = cpu_info()
+    kind = f"cpu ({cpu['model']}; {' '.join(cpu['flags']) or 'no vector flags read'})"
+  return f"{len(devices)} x {kind}"
 
 
 def mesh_devices(num_devices: int | None) -> list:

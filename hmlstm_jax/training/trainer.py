@@ -25,6 +25,12 @@ What the trainer guarantees, whatever happens to the process:
   finite. A non-finite value stops the run with :class:`.errors.NonFiniteError`, naming the
   step; the last good checkpoint is left as it was.
 * A checkpoint names the best step so far, which is kept on disk (:mod:`.checkpoints`).
+* The stopping rule (``max_lr_cuts``, decisions.md §4): a validation at which the plateau
+  would cut the learning rate for the ``max_lr_cuts + 1``-th time ends the run there (the
+  cut is applied, so raising ``max_lr_cuts`` continues it). The count, the wall time spent
+  (``train_s``, over every process that resumed the run) and the device are in every
+  checkpoint's record, in ``progress.json`` (rewritten after each validation, so that a run
+  stopped at any point has its figures on disk) and in ``results.json``.
 * SIGTERM or SIGINT during training: a checkpoint at the next step (with several processes:
   at the next progress line, where the processes agree to stop), status ``'preempted'``;
   during the final report: :class:`.errors.Preempted` at once (the report is redone when run
@@ -131,6 +137,9 @@ class Run:
     self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
                                      rows=self.config.batch_size // self.hosts.count)
     self.abstract = self.mapped.abstract_state(self.template)  # what checkpoints restore onto
+    if self.config.max_lr_cuts is not None and self.optimizer.plateau is None:
+      raise ValueError("max_lr_cuts needs an optimiser that cuts the learning rate on a "
+                       "plateau; this experiment's has none")
     self.losses: list[float] = []   # this call's per-step training losses, read back
     self._pending: list = []        # metrics of steps not yet read back (on the devices)
     self._saved_step = None
@@ -144,8 +153,9 @@ class Run:
 
   def restore(self) -> None:
     """The newest readable checkpoint, or the initial state."""
-    self.meta = {"best_step": None, "best": None, "history": [],
-                 "steps_per_epoch": self.steps_per_epoch, "data": dict(self.data.metadata)}
+    self.meta = {"best_step": None, "best": None, "history": [], "lr_cuts": 0, "ended": None,
+                 "train_s": 0.0, "steps_per_epoch": self.steps_per_epoch,
+                 "data": dict(self.data.metadata)}
     restored = self.ckpt.restore_latest(self.abstract, warn=say)
     if restored is None:
       state = self.mapped.put_state(self.template)
@@ -160,6 +170,11 @@ class Run:
     if restored is not None:
       self._saved_step = self.step
       say(f"resumed from {self.workdir.path} at step {self.step}")
+      for key, default in (("lr_cuts", 0), ("ended", None), ("train_s", 0.0)):
+        self.meta.setdefault(key, default)  # records of checkpoints made before these keys
+      if self._rule_ends():
+        self.total_steps = self.step  # ended by the stopping rule: straight to the report
+    self._mark = time.time()
     self.host_plateau = self.mapped.fetch(state.plateau)
     self.state = state
 
@@ -187,6 +202,11 @@ class Run:
       improved = False
       if self.step % c.eval_every == 0 or last:
         improved = self.validate(writer, schedule)
+        if self._rule_ends():
+          self.total_steps, last = self.step, True
+          say(f"stopping rule: validation stopped improving after {c.max_lr_cuts} learning-rate "
+              f"cut(s); the run ends at step {self.step}, its best is step "
+              f"{self.meta['best_step']}")
       if improved or self.step % c.checkpoint_every == 0 or last:
         self.save()
       if self.hosts.count == 1:
@@ -200,6 +220,26 @@ class Run:
               "run again to continue")
           return "preempted"
     return "done"
+
+  def _rule_ends(self) -> bool:
+    """True when the stopping rule has ended the run: more plateaus than ``max_lr_cuts``."""
+    cuts = self.config.max_lr_cuts
+    return cuts is not None and self.meta["lr_cuts"] > cuts
+
+  def _tick(self) -> None:
+    """Adds the wall time since the last tick to the record's ``train_s``."""
+    now = time.time()
+    self.meta["train_s"] += now - self._mark
+    self._mark = now
+
+  def progress(self) -> dict:
+    """Where the run stands: what ``progress.json`` holds (see the module docstring)."""
+    return {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+            "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+            "best_step": self.meta["best_step"], "best": self.meta["best"],
+            "lr_cuts": self.meta["lr_cuts"], "ended": self.meta["ended"],
+            "train_s": round(self.meta["train_s"], 1), "device": parallel.device_name(self.devices),
+            "history": list(self.meta["history"])}
 
   def read_metrics(self) -> list[dict]:
     """Reads back the metrics of the steps since the last read; stops on a non-finite one."""
@@ -280,16 +320,23 @@ class Run:
           f"{self.step} is above {bound:.4g}, worse than the experiment allows for a model "
           f"that learns at all; {kept}. Lower --learning_rate.")
     if self.optimizer.plateau is not None:
+      before = float(self.host_plateau.scale)
       _, self.host_plateau = self.optimizer.plateau.update({}, self.host_plateau, value=objective)
       self.state = self.state.replace(plateau=self.mapped.replicate(self.host_plateau))
+      if float(self.host_plateau.scale) < before:
+        self.meta["lr_cuts"] += 1
+        if self._rule_ends():
+          self.meta["ended"] = "stopping rule"
     improved = self.meta["best"] is None or objective < self.meta["best"]
     if improved:
       self.meta["best"], self.meta["best_step"] = objective, self.step
     scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.number))}
-    self.meta["history"].append({"step": self.step, **scalars})
+    self.meta["history"].append({"step": self.step, "lr_cuts": self.meta["lr_cuts"], **scalars})
     say("\n".join(self.experiment.summary_lines(f"step {self.step} {self.data.validation}",
                                                 result)))
     writer.scalars(self.step, {f"valid/{k}": v for k, v in scalars.items()})
+    self._tick()
+    self.workdir.write("progress.json", json.dumps(self.progress(), indent=1))
     return improved
 
   # ----------------------------------------------------------------------- checkpoints
@@ -303,6 +350,7 @@ class Run:
       # (not the plateau state: it starts at inf)
       raise NonFiniteError(f"non-finite parameters or optimiser state after step {self.step}; "
                            f"{self._last_good()}. Lower --learning_rate.")
+    self._tick()
     position = self.step % self.steps_per_epoch
     schedule = self.schedule(self.step)
     probe = float(self.mapped.fetch(
@@ -337,7 +385,9 @@ class Run:
     for split, result in results.items():
       lines += self.experiment.summary_lines(split, result)
     out = {**results, "best_step": best, "steps": self.step, "data": dict(self.data.metadata),
-           "history": list(self.meta["history"]),
+           "history": list(self.meta["history"]), "lr_cuts": self.meta["lr_cuts"],
+           "ended": self.meta["ended"] or "num_epochs", "train_s": round(self.meta["train_s"], 1),
+           "device": parallel.device_name(self.devices), "steps_per_epoch": self.steps_per_epoch,
            "parameters": sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))}
     if distributed.is_primary():  # figures and samples: one process's work and files
       extra, extra_lines = self.experiment.report(self.mapped.local_copy(params), schedule,
