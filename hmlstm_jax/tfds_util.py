@@ -1,8 +1,10 @@
 """What the TFDS builders of both tasks share (the corpora of :mod:`hmlstm_jax.charlm.data`,
 IAM-OnDB of :mod:`hmlstm_jax.handwriting.data`): the split names, examples numbered and read
-back in order, the manual directory, a file's checksum for the log."""
+back in order, the manual directory, a file's checksum for the log, and preparing a dataset
+once when several runs start together."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 
@@ -42,3 +44,27 @@ def sha256_of(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
+
+
+def prepared(builder_cls, data_dir: str | None, manual_dir: str | None):
+  """A builder of ``builder_cls`` whose dataset is prepared (``download_and_prepare``).
+
+  Local data dirs: under an exclusive lock (``<data_dir>/<name>/.prepare.lock``), so that runs
+  started together (``experiments.reproduce``, a study) prepare it once: the others wait,
+  then read it, where they raced to rename TFDS's incomplete directory and the loser failed
+  ("Cannot rename ... already exists"). The builder is made inside the lock, so that it sees
+  what the winner wrote.
+  """
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  root = os.fspath(builder_cls(data_dir=data_dir, file_format="array_record").data_path)
+  lock_dir = os.path.dirname(root)  # <data_dir>/<name>/<version> → <data_dir>/<name>
+  if "://" in root:  # a cloud bucket: no local lock to take
+    builder = builder_cls(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=config)
+    return builder
+  os.makedirs(lock_dir, exist_ok=True)
+  with open(os.path.join(lock_dir, ".prepare.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = builder_cls(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=config)
+  return builder

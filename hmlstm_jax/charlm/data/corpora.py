@@ -31,6 +31,7 @@ from hmlstm_jax.tfds_util import SPLITS
 from hmlstm_jax.tfds_util import manual_dir_of
 from hmlstm_jax.tfds_util import ordered_examples
 from hmlstm_jax.tfds_util import ordered_info
+from hmlstm_jax.tfds_util import prepared
 from hmlstm_jax.tfds_util import sha256_of
 
 CHUNK_BYTES = 1 << 20
@@ -249,9 +250,7 @@ def load_corpus(name: str, data_dir: str | None = None, manual_dir: str | None =
   """
   if name not in BUILDERS:
     raise ValueError(f"unknown corpus {name!r}; choose from {sorted(BUILDERS)}")
-  builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder = prepared(BUILDERS[name], data_dir, manual_dir)
   raw = {split: read_split_bytes(builder, split) for split in SPLITS}
   vocab = Vocabulary.from_bytes(np.concatenate([raw[s] for s in builder.VOCABULARY_SPLITS]))
   try:

@@ -193,8 +193,7 @@ def load_iam_ondb(data_dir: str | None = None, manual_dir: str | None = None) ->
     data_dir: TFDS data directory (default ``~/tensorflow_datasets``).
     manual_dir: where the archive and task lists are (default ``<data_dir>/downloads/manual``).
   """
-  builder = IamOndb(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder = tfds_util.prepared(IamOndb, data_dir, manual_dir)
   splits, ids = {}, {}
   for split in SPLITS:
     examples = tfds_util.ordered_examples(builder, split)

@@ -1,0 +1,328 @@
+r"""The paper's Penn Treebank rows (Table 1), measured by one command.
+
+    python -m experiments.reproduce --manual_dir=../shared/data/ptb_char                # 3 x 512: a GPU
+    python -m experiments.reproduce --width=cpu --manual_dir=../shared/data/ptb_char    # 2 CPU cores
+    python -m experiments.reproduce --width=cpu --budget_s=600 --manual_dir=...         # stops in 10 min
+
+Each row is the character-LM binary (``experiments.charlm``) with the row's flagfile
+(``ptb.flags``, ``ptb_lnlstm.flags``, ``ptb_step.flags``, ``ptb_sample.flags``,
+``ptb_soft.flags``, in that order), trained under the paper's stopping rule (the flagfiles'
+``--max_lr_cuts=1``, decisions.md §4) in its own workdir ``<workdir>/<row>``: a rerun skips
+finished rows and resumes the others from their checkpoints. ``--concurrency`` runs share the
+device (on a CPU each gets one core's thread). After ``--budget_s`` seconds no run starts;
+``--stop_s`` seconds before it the running ones are sent SIGTERM (they checkpoint at the next
+step and exit 75), and one still running at the budget is killed (its last checkpoint stays).
+
+The table (``<workdir>/table.md``, every figure in ``table.json``) is rewritten whenever a
+run validates or ends, so a stop at any point leaves numbers: test and validation BPC (the
+best validation's checkpoint; while a run trains, its best validation so far), best step and
+epoch, steps, epochs and wall time, how the run ended, the device, each layer's compute share
+(UPDATE or FLUSH) and the F1 of z¹ and z² against word ends (at the separator and one step
+later). ``--width=cpu`` is the paper's recipe at reduced width (3 × 128 HM-LSTM against the
+LayerNorm LSTM of equal parameters, 3 × 149), never the paper's rows.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from hmlstm_jax import files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str        # also the flagfile's stem and the workdir's name
+  what: str
+  paper_bpc: float  # Table 1's test BPC
+  lstm: bool = False
+
+
+TABLES = {"ptb": (
+    Row("ptb", "LayerNorm HM-LSTM, step function + slope annealing", 1.24),
+    Row("ptb_lnlstm", "LayerNorm LSTM (baseline)", 1.29, lstm=True),
+    Row("ptb_step", "LayerNorm HM-LSTM, step function", 1.25),
+    Row("ptb_sample", "LayerNorm HM-LSTM, sampled boundaries", 1.27),
+    Row("ptb_soft", "LayerNorm HM-LSTM, soft boundaries", 1.27),
+)}
+
+#: Flags on top of each row's flagfile, per width: (HM-LSTM rows, LSTM row). ``cpu``: 3 × 128
+#: against the LSTM of equal parameters (589,748 and 593,503 with PTB's 50 symbols), validated
+#: twice an epoch (783 steps) so that the stopping rule can act within hours; ``quick``: a
+#: smoke test of this command (tiny models, a few hundred steps).
+WIDTHS = {
+    "paper": ((), ()),
+    "cpu": (("--layer_sizes=128,128,128", "--output_size=128", "--eval_every=392"),
+            ("--layer_sizes=149,149,149", "--output_size=128", "--eval_every=392")),
+    "quick": (("--layer_sizes=8,8,8", "--output_size=8", "--embed_size=8", "--batch_size=8",
+               "--eval_batch_size=64", "--eval_every=20", "--eval_max_segments=4",
+               "--checkpoint_every=20", "--log_every=10", "--num_epochs=0.04",
+               "--num_samples=1", "--sample_chars=20"),) * 2,
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("table", "ptb", list(TABLES), "Which table of the paper to fill.")
+flags.DEFINE_list("rows", None, "Rows to run, in this order (default: all of the table's).")
+flags.DEFINE_enum("width", "paper", list(WIDTHS),
+                  "paper: the flagfiles as written (3 x 512; an accelerator); cpu: the "
+                  "paper's recipe at 3 x 128 (2 CPU cores, hours); quick: a smoke test.")
+flags.DEFINE_string("workdir", None, "Where the runs and the table go "
+                    "(default workdirs/reproduce/<table>_<width>).")
+flags.DEFINE_string("manual_dir", None, "Directory holding simple-examples.tgz "
+                    "(e.g. ../shared/data/ptb_char).")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
+flags.DEFINE_integer("concurrency", 2, "Runs at once on the one device.", lower_bound=1)
+flags.DEFINE_float("budget_s", None, "Seconds after which no run starts and the running ones "
+                   "have stopped (checkpointed); default: no limit.", lower_bound=1)
+flags.DEFINE_float("stop_s", 90, "Seconds before the budget at which running ones are asked "
+                   "to stop (one step, a validation in progress and a checkpoint must fit).",
+                   lower_bound=0)
+flags.DEFINE_float("poll_s", 5, "Seconds between looks at the runs.", lower_bound=0.1)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _read_json(path: str) -> dict | None:
+  """A run's JSON file, or None when absent or not (yet) readable."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _bpc(nll: float) -> float:
+  return nll / 0.6931471805599453
+
+
+def figures(workdir: str) -> dict:
+  """One run's figures from its files: ``results.json`` when it finished, else the best
+  validation so far from ``progress.json`` (rewritten by the trainer at every validation)."""
+  config = _read_json(os.path.join(workdir, "config.json")) or {}
+  out = {"units": config.get("layer_sizes")}
+  results = _read_json(os.path.join(workdir, "results.json"))
+  if results is not None and "test" in results:
+    spe = results.get("steps_per_epoch") or 1
+    out.update(finished=True, test_bpc=results["test"]["bpc"],
+               valid_bpc=results["validation"]["bpc"], best_step=results["best_step"],
+               best_epoch=results["best_step"] / spe, steps=results["steps"],
+               epochs=results["steps"] / spe, train_s=results.get("train_s"),
+               device=results.get("device"), ended=results.get("ended"),
+               parameters=results.get("parameters"))
+    out.update(_boundaries(results["test"], "test"))
+    return out
+  progress = _read_json(os.path.join(workdir, "progress.json"))
+  if progress is None or progress.get("best_step") is None:
+    return out
+  best = next((h for h in progress["history"] if h["step"] == progress["best_step"]), {})
+  out.update(finished=False, valid_bpc=_bpc(progress["best"]), best_step=progress["best_step"],
+             best_epoch=progress["best_step"] / progress["steps_per_epoch"],
+             steps=progress["step"], epochs=progress["epoch"], train_s=progress["train_s"],
+             device=progress["device"], ended=progress.get("ended"))
+  out.update(_boundaries(best, "validation"))
+  return out
+
+
+def _boundaries(result: dict, split: str) -> dict:
+  """Compute share per layer and F1 of z¹, z² against word ends (at, +1), from a final
+  result (op counts and P/R/F1 per label) or a history entry (its flat scalars)."""
+  if "op_counts" in result:
+    compute = [(u + f) / max(c + u + f, 1) for c, u, f in result["op_counts"]]
+    f1 = {label: [prf[2] for prf in result["boundaries"][label][:-1]]
+          for label in ("word", "word+1")}
+  elif "compute1" in result:
+    layers = sorted(int(k[len("compute"):]) for k in result if k.startswith("compute"))
+    compute = [result[f"compute{l}"] for l in layers]
+    f1 = {label: [result[f"f1_z{l}_{label}"] for l in layers[:-1]]
+          for label in ("word", "word+1")}
+  else:
+    return {}
+  return {"compute": compute, "f1": f1, "boundaries_from": split}
+
+
+def _status(row_figures: dict, state: str | None) -> str:
+  if row_figures.get("finished"):
+    return {"stopping rule": "stopping rule", "num_epochs": "epoch cap (num_epochs)"}.get(
+        row_figures.get("ended"), str(row_figures.get("ended")))
+  if state:
+    return state
+  return "stopped; resumes" if "steps" in row_figures else "not started"
+
+
+def table(rows: list[tuple[Row, dict, str]], width: str) -> str:
+  """The table in markdown (see the module docstring)."""
+  lines = [
+      f"Width: {width}. Test BPC is the best validation's checkpoint's; while a run trains, "
+      "its valid BPC is the best so far and the boundary columns are from that validation.",
+      "",
+      "| row | paper test BPC | our test BPC | valid BPC | units | best step (epoch) | trained "
+      "| ended | device | compute per layer | F1 z¹ vs word ends (at, +1) | F1 z² (at, +1) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for row, f, status in rows:
+    units = " × ".join(map(str, f["units"])) if f.get("units") else "—"
+    if "steps" not in f:
+      lines.append(f"| {row.name} ({row.what}) | {row.paper_bpc:.2f} | — | — | {units} | — | — "
+                   f"| {status} | — | — | — | — |")
+      continue
+    test = f"{f['test_bpc']:.3f}" if "test_bpc" in f else "— (training)"
+    trained = f"{f['steps']} steps, {f['epochs']:.2f} epochs, {(f['train_s'] or 0) / 60:.0f} min"
+    compute = " / ".join(f"{c:.0%}" for c in f["compute"]) if "compute" in f else "100% each"
+    f1 = ([f"{f['f1']['word'][l]:.2f}, {f['f1']['word+1'][l]:.2f}" for l in range(2)]
+          if "f1" in f else ["—", "—"])
+    lines.append(
+        f"| {row.name} ({row.what}) | {row.paper_bpc:.2f} | {test} | {f['valid_bpc']:.3f} | "
+        f"{units} | {f['best_step']} ({f['best_epoch']:.2f}) | {trained} | {status} | "
+        f"{f['device']} | {compute} | {f1[0]} | {f1[1]} |")
+  return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def _die_with_parent() -> None:
+  """In a child, before exec: SIGTERM when the parent dies (Linux), so that a reproduce
+  killed with -9 does not leave its runs training on and holding their workdirs."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
+def command(row: Row, workdir: str) -> list[str]:
+  """The charlm binary's command line for ``row`` at this width."""
+  extra = WIDTHS[FLAGS.width][1 if row.lstm else 0]
+  argv = [sys.executable, "-m", "experiments.charlm", f"--flagfile={row.name}.flags",
+          f"--workdir={workdir}", *extra]
+  for name in ("manual_dir", "data_dir"):
+    if getattr(FLAGS, name):
+      argv.append(f"--{name}={os.path.abspath(getattr(FLAGS, name))}")
+  return argv
+
+
+def _environment() -> dict:
+  """The children's environment: on a CPU shared by several runs, one thread each (XLA's
+  default pool of one thread per core, times the runs, spends the cores on contention)."""
+  env = dict(os.environ)
+  if FLAGS.concurrency > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                        "intra_op_parallelism_threads=1").strip()
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs on one GPU
+  return env
+
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return ""
+  return lines[-1] if lines else ""
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  rows = TABLES[FLAGS.table]
+  if FLAGS.rows is not None:
+    names = [r.name for r in rows]
+    unknown = [n for n in FLAGS.rows if n not in names]
+    if unknown or not FLAGS.rows:
+      raise app.UsageError(f"--rows: unknown {unknown or 'none given'}; choose from "
+                           f"{', '.join(names)}")
+    rows = tuple(r for n in FLAGS.rows for r in rows if r.name == n)
+  if FLAGS.manual_dir is not None and not os.path.isdir(FLAGS.manual_dir):
+    raise app.UsageError(f"--manual_dir={FLAGS.manual_dir} is not a directory; it should hold "
+                         "simple-examples.tgz (e.g. ../shared/data/ptb_char)")
+  workdir = FLAGS.workdir or os.path.join("workdirs", "reproduce", f"{FLAGS.table}_{FLAGS.width}")
+  os.makedirs(workdir, exist_ok=True)
+  start, budget = time.time(), FLAGS.budget_s
+  state: dict[str, str] = {}           # this call's word on each row, for the table
+  running: dict[str, subprocess.Popen] = {}
+  pending = [r for r in rows if not figures(os.path.join(workdir, r.name)).get("finished")]
+  stopping, shown = False, None
+  interrupted = []
+  handlers = {sig: signal.signal(sig, lambda signum, _: interrupted.append(signum))
+              for sig in (signal.SIGTERM, signal.SIGINT)}
+  print(f"reproduce {FLAGS.table} at width {FLAGS.width}: {len(rows)} rows, "
+        f"{len(rows) - len(pending)} finished already; table in {workdir}/table.md", flush=True)
+  try:
+    while True:
+      elapsed = time.time() - start
+      late = budget is not None and elapsed >= budget - FLAGS.stop_s
+      if (late or interrupted) and not stopping:
+        stopping = True
+        why = "the budget" if late else "a stop request"
+        for name, proc in running.items():
+          proc.send_signal(signal.SIGTERM)
+          state[name] = f"stopping ({why})"
+        for row in pending:
+          state[row.name] = f"not started ({why})" if "steps" not in figures(
+              os.path.join(workdir, row.name)) else f"stopped; resumes (not restarted: {why})"
+        pending = []
+      while pending and len(running) < FLAGS.concurrency and not stopping:
+        row = pending.pop(0)
+        path = os.path.join(workdir, row.name)
+        log = open(path + ".log", "a")
+        running[row.name] = subprocess.Popen(
+            command(row, path), cwd=ROOT, env=_environment(), stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        log.close()
+        state[row.name] = "training"
+        print(f"[{elapsed:.0f} s] {row.name}: started (log {path}.log)", flush=True)
+      for name, proc in list(running.items()):
+        code = proc.poll()
+        if code is None:
+          if budget is not None and time.time() - start >= budget - 2:
+            proc.kill()  # its last checkpoint stays; the next call resumes from it
+            proc.wait()
+            code = -signal.SIGKILL
+          else:
+            continue
+        del running[name]
+        log = os.path.join(workdir, name + ".log")
+        state[name] = {0: None, 75: "stopped; resumes", -signal.SIGKILL:
+                       "killed at the budget; resumes from its last checkpoint"}.get(
+                           code, f"failed (exit {code}): {_last_line(log)}")
+        print(f"[{time.time() - start:.0f} s] {name}: {state[name] or 'finished'}", flush=True)
+      table_rows = []
+      for row in rows:
+        f = figures(os.path.join(workdir, row.name))
+        table_rows.append((row, f, _status(f, state.get(row.name))))
+      text = table(table_rows, FLAGS.width)
+      if text != shown:
+        files.write_atomically(os.path.join(workdir, "table.md"), text)
+        files.write_atomically(os.path.join(workdir, "table.json"), json.dumps(
+            {"table": FLAGS.table, "width": FLAGS.width, "rows": {
+                r.name: {"what": r.what, "paper_bpc": r.paper_bpc, "status": s, **f}
+                for r, f, s in table_rows}}, indent=1))
+        shown = text
+      if not running and not pending:
+        break
+      time.sleep(FLAGS.poll_s)
+  finally:
+    for proc in running.values():  # an error here: the runs checkpoint and stop
+      proc.send_signal(signal.SIGTERM)
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
+  print(shown, end="")
+  failed = [n for n, s in state.items() if s and s.startswith("failed")]
+  if failed:
+    sys.exit(f"reproduce: {', '.join(failed)} failed; see their logs in {workdir}")
+  if interrupted:
+    sys.exit(75)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,97 @@
+"""experiments.reproduce: the paper's PTB rows on the real corpus, at a tiny width."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import SHARED_DATA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANUAL = os.path.join(SHARED_DATA, "ptb_char")
+
+
+ENV = {**os.environ, "XLA_FLAGS": ""}  # the runs see this machine's one CPU device
+
+
+def _command(tmp_path, *flags):
+  return [sys.executable, "-m", "experiments.reproduce", "--width=quick",
+          f"--workdir={tmp_path / 'w'}", f"--data_dir={tmp_path / 'tfds'}",
+          f"--manual_dir={MANUAL}", "--poll_s=0.2", "--rows=ptb,ptb_lnlstm", *flags]
+
+
+def _reproduce(tmp_path, *flags):
+  start = time.time()
+  result = subprocess.run(_command(tmp_path, *flags), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+  return result, time.time() - start
+
+
+def _table(tmp_path):
+  with open(tmp_path / "w" / "table.json") as f:
+    rows = json.load(f)["rows"]
+  with open(tmp_path / "w" / "table.md") as f:
+    return rows, f.read()
+
+
+def _log(tmp_path, name):
+  with open(tmp_path / "w" / f"{name}.log") as f:
+    return f.read()
+
+
+def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_the_table(
+    tmp_path):
+  """Two rows at once. A 30 s budget (stop asked at 15 s): the command ends within it and
+  leaves a readable table. SIGTERM once both have validated: they checkpoint and stop (exit
+  75). Run again: both resume and fill every column, the HM-LSTM's compute and F1 too; once
+  more: nothing to run."""
+  first, seconds = _reproduce(tmp_path, "--budget_s=30", "--stop_s=15")
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert seconds < 30 + 5  # the budget, and the interpreter's start and exit
+  rows, text = _table(tmp_path)
+  assert list(rows) == ["ptb", "ptb_lnlstm"] and "| ptb (" in text and "| ptb_lnlstm (" in text
+  assert all("budget" in row["status"] or row["status"] == "stopped; resumes"
+             for row in rows.values()), rows
+
+  proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not all(os.path.exists(tmp_path / "w" / n / "progress.json") for n in rows):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 75, err[-2000:]
+  rows, text = _table(tmp_path)
+  for name, row in rows.items():
+    assert row["status"] == "stopped; resumes" and row["steps"] < 251, row
+    assert "stopped at step" in _log(tmp_path, name)
+    assert row["valid_bpc"] > 0 and "test_bpc" not in row  # the best validation so far
+
+  second, _ = _reproduce(tmp_path)
+  assert second.returncode == 0, second.stderr[-2000:]
+  rows, text = _table(tmp_path)
+  hm, lstm = rows["ptb"], rows["ptb_lnlstm"]
+  for name, row in rows.items():
+    assert "resumed from" in _log(tmp_path, name)
+    assert row["finished"] and row["status"] in ("epoch cap (num_epochs)", "stopping rule")
+    assert row["steps"] == 251 or row["status"] == "stopping rule"  # the rule may end it first
+    assert 2.0 < row["test_bpc"] < 6.0 and row["units"] == [8, 8, 8]
+    assert row["device"].startswith("1 x cpu (") and row["train_s"] > 0
+  assert len(hm["compute"]) == 3 and hm["compute"][0] == 1.0 and len(hm["f1"]["word+1"]) == 2
+  assert "compute" not in lstm
+  assert "| 1.24 | " in text and f"{hm['test_bpc']:.3f}" in text
+  assert os.path.exists(tmp_path / "w" / "ptb" / "boundaries.png")  # the figure of Fig. 3
+  third, seconds = _reproduce(tmp_path)
+  assert third.returncode == 0 and "2 finished already" in third.stdout and seconds < 30
+
+
+def test_bad_rows_and_manual_dir_are_one_line(tmp_path):
+  for flag, words in (("--rows=ptb,nope", "--rows: unknown ['nope']"),
+                      (f"--manual_dir={tmp_path / 'none'}", "is not a directory")):
+    result = subprocess.run([sys.executable, "-m", "experiments.reproduce", flag,
+                             f"--workdir={tmp_path / 'w'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert words in result.stderr
