@@ -197,11 +197,15 @@ def test_distributed_settings_from_flags_environment_and_slurm():
   assert distributed.settings_from("off", "h:1", 2, 0, environ={}) is None
   env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
   assert distributed.settings_from("auto", None, None, None, environ=env) == {
-      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+      "coordinator_bind_address": "10.0.0.1:1234"}  # listens where it was told, only
+  assert distributed.settings_from("auto", None, None, None, environ=env, bind_address=
+                                   "0.0.0.0:1234")["coordinator_bind_address"] == "0.0.0.0:1234"
   assert distributed.settings_from("auto", "h:9", 2, 1, environ=env)["coordinator_address"] == "h:9"
   slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}  # JAX reads the rest from SLURM
   assert distributed.settings_from("auto", None, None, None, environ=slurm) == {
-      "coordinator_address": None, "num_processes": None, "process_id": None}
+      "coordinator_address": None, "num_processes": None, "process_id": None,
+      "coordinator_bind_address": None}
   assert distributed.settings_from("on", None, None, None, environ={}) is not None  # Cloud TPU
   with pytest.raises(ValueError, match="needs --num_processes and --process_id"):
     distributed.settings_from("auto", "h:1", None, None, environ={})
@@ -209,3 +213,44 @@ def test_distributed_settings_from_flags_environment_and_slurm():
     distributed.settings_from("auto", "h:1", 2, 2, environ={})
   with pytest.raises(ValueError, match="is not an integer"):
     distributed.settings_from("auto", "h:1", None, 0, environ={"JAX_NUM_PROCESSES": "two"})
+  with pytest.raises(ValueError, match="coordinator_bind_address must be host:port"):
+    distributed.settings_from("auto", "h:1", 2, 0, environ={}, bind_address="0.0.0.0")
+  with pytest.raises(ValueError, match="needs a coordinator address"):
+    distributed.settings_from("on", None, None, None, environ={}, bind_address="0.0.0.0:1")
+
+
+def _listening(port: int) -> list[str]:
+  """The local addresses of the TCP sockets listening on ``port`` (from /proc/net)."""
+  found = []
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(table) as f:
+      for line in list(f)[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+          found.append(address)
+  return found
+
+
+def test_the_coordinator_listens_on_the_loopback_address_it_is_given(tmp_path):
+  """Issue 32: process 0 of a 2-process run on 127.0.0.1 (waiting for process 1) listens on
+  127.0.0.1 only; JAX's own default was every interface."""
+  import socket
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.charlm", *TINY, f"--workdir={tmp_path / 'run'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
+       "--init_timeout=60"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 60
+    while not _listening(port):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+      time.sleep(0.2)
+    loopback = ("0100007F", "0000000000000000FFFF00000100007F")  # 127.0.0.1, v4 or v4-mapped
+    assert _listening(port) and set(_listening(port)) <= set(loopback), _listening(port)
+  finally:
+    proc.kill()
+    proc.wait()

@@ -74,7 +74,7 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
     try:
       config = settings.from_flags(config_cls)
       launch = distributed.settings_from(f.distributed, f.coordinator_address, f.num_processes,
-                                         f.process_id)
+                                         f.process_id, bind_address=f.coordinator_bind_address)
       distributed.initialize(launch, f.heartbeat_timeout, f.init_timeout, name)
     except ValueError as err:
       _exit(1, f"{name}: bad flags: {err}")

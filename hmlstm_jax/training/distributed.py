@@ -14,6 +14,12 @@ with a message ("the JAX distributed service detected fatal errors ... another t
 and a non-zero status (SIGABRT, 134). When process 0 (the coordinator) dies, the others stop
 within seconds. A process that dies before it registers (or is never started) leaves the
 others waiting at the start: they end with one line after ``--init_timeout`` seconds (60).
+
+Process 0's coordinator listens on the address it is given and nowhere else (``launch/local.sh``
+gives 127.0.0.1: loopback stays loopback; JAX alone would listen on every interface). Where the
+given address is not one of the coordinator host's own (behind NAT), name the interface with
+``--coordinator_bind_address`` (``0.0.0.0:PORT`` for all). With the address found by JAX itself
+(SLURM, Cloud TPU), JAX's default stands.
 """
 from __future__ import annotations
 
@@ -42,6 +48,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "coordinator_address", None,
       "host:port of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS).",
       flag_values=flag_values)
+  flags.DEFINE_string(
+      "coordinator_bind_address", None,
+      "host:port process 0's coordinator listens on (default: the coordinator address itself, "
+      "so a loopback address is reachable from this machine only).", flag_values=flag_values)
   flags.DEFINE_integer("num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).",
                        flag_values=flag_values)
   flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 "
@@ -67,7 +77,8 @@ def _env_int(environ, name: str) -> int | None:
 
 
 def settings_from(mode: str, coordinator_address: str | None, num_processes: int | None,
-                  process_id: int | None, environ=os.environ) -> dict | None:
+                  process_id: int | None, environ=os.environ,
+                  bind_address: str | None = None) -> dict | None:
   """The keyword arguments of ``jax.distributed.initialize`` for these flags and this
   environment, or None for a single-process run. Raises ValueError for an incomplete set."""
   if mode not in MODES:
@@ -86,7 +97,18 @@ def settings_from(mode: str, coordinator_address: str | None, num_processes: int
     raise ValueError(f"num_processes must be at least 1, got {count}")
   if count is not None and index is not None and not 0 <= index < count:
     raise ValueError(f"process_id must be in [0, {count}), got {index}")
-  return {"coordinator_address": address, "num_processes": count, "process_id": index}
+  if bind_address is not None and not address:
+    raise ValueError("--coordinator_bind_address needs a coordinator address")
+  for name, value in (("coordinator address", address), ("coordinator_bind_address", bind_address)):
+    if value and not _has_port(value):
+      raise ValueError(f"the {name} must be host:port, got {value!r}")
+  return {"coordinator_address": address, "num_processes": count, "process_id": index,
+          "coordinator_bind_address": bind_address or address}
+
+
+def _has_port(address: str) -> bool:
+  host, _, port = address.rpartition(":")
+  return bool(host) and port.isdigit()
 
 
 def initialize(settings: dict | None, heartbeat_timeout: int = 60, init_timeout: int = 60,
