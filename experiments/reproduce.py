@@ -23,7 +23,6 @@ LayerNorm LSTM of equal parameters, 3 × 149), never the paper's rows.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -35,6 +34,7 @@ import time
 from absl import app
 from absl import flags
 
+from experiments import children
 from hmlstm_jax import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,16 +93,6 @@ flags.DEFINE_float("poll_s", 5, "Seconds between looks at the runs.", lower_boun
 # --------------------------------------------------------------------------- the table
 
 
-def _read_json(path: str) -> dict | None:
-  """A run's JSON file, or None when absent or not (yet) readable."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
-
-
 def _bpc(nll: float) -> float:
   return nll / 0.6931471805599453
 
@@ -110,10 +100,11 @@ def _bpc(nll: float) -> float:
 def figures(workdir: str) -> dict:
   """One run's figures from its files: ``results.json`` when it finished, else the best
   validation so far from ``progress.json`` (rewritten by the trainer at every validation)."""
-  config = _read_json(os.path.join(workdir, "config.json")) or {}
+  config = children.read_json(os.path.join(workdir, "config.json")) or {}
   out = {"units": config.get("layer_sizes")}
-  results = _read_json(os.path.join(workdir, "results.json"))
-  if results is not None and "test" in results:
+  results = children.read_json(os.path.join(workdir, "results.json"),
+                               needs=("test", "validation", "best_step", "steps"))
+  if results is not None:
     spe = results.get("steps_per_epoch") or 1
     out.update(finished=True, test_bpc=results["test"]["bpc"],
                valid_bpc=results["validation"]["bpc"], best_step=results["best_step"],
@@ -123,15 +114,18 @@ def figures(workdir: str) -> dict:
                parameters=results.get("parameters"))
     out.update(_boundaries(results["test"], "test"))
     return out
-  progress = _read_json(os.path.join(workdir, "progress.json"))
-  if progress is None or progress.get("best_step") is None:
+  progress = children.read_json(os.path.join(workdir, "progress.json"),
+                                needs=("step", "epoch", "steps_per_epoch", "history"))
+  if progress is None:
     return out
-  best = next((h for h in progress["history"] if h["step"] == progress["best_step"]), {})
-  out.update(finished=False, valid_bpc=_bpc(progress["best"]), best_step=progress["best_step"],
-             best_epoch=progress["best_step"] / progress["steps_per_epoch"],
-             steps=progress["step"], epochs=progress["epoch"], train_s=progress["train_s"],
-             device=progress["device"], ended=progress.get("ended"))
-  out.update(_boundaries(best, "validation"))
+  out.update(finished=False, steps=progress["step"], epochs=progress["epoch"],
+             train_s=progress.get("train_s"), device=progress.get("device"),
+             ended=progress.get("ended"))
+  if progress.get("best_step") is not None:  # validated at least once
+    best = next((h for h in progress["history"] if h["step"] == progress["best_step"]), {})
+    out.update(valid_bpc=_bpc(progress["best"]), best_step=progress["best_step"],
+               best_epoch=progress["best_step"] / progress["steps_per_epoch"])
+    out.update(_boundaries(best, "validation"))
   return out
 
 
@@ -177,27 +171,20 @@ def table(rows: list[tuple[Row, dict, str]], width: str) -> str:
                    f"| {status} | — | — | — | — |")
       continue
     test = f"{f['test_bpc']:.3f}" if "test_bpc" in f else "— (training)"
+    valid = f"{f['valid_bpc']:.3f}" if "valid_bpc" in f else "—"
+    best = f"{f['best_step']} ({f['best_epoch']:.2f})" if "best_step" in f else "—"
     trained = f"{f['steps']} steps, {f['epochs']:.2f} epochs, {(f['train_s'] or 0) / 60:.0f} min"
     compute = " / ".join(f"{c:.0%}" for c in f["compute"]) if "compute" in f else "100% each"
     f1 = ([f"{f['f1']['word'][l]:.2f}, {f['f1']['word+1'][l]:.2f}" for l in range(2)]
           if "f1" in f else ["—", "—"])
     lines.append(
-        f"| {row.name} ({row.what}) | {row.paper_bpc:.2f} | {test} | {f['valid_bpc']:.3f} | "
-        f"{units} | {f['best_step']} ({f['best_epoch']:.2f}) | {trained} | {status} | "
+        f"| {row.name} ({row.what}) | {row.paper_bpc:.2f} | {test} | {valid} | "
+        f"{units} | {best} | {trained} | {status} | "
         f"{f['device']} | {compute} | {f1[0]} | {f1[1]} |")
   return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- the runs
-
-
-def _die_with_parent() -> None:
-  """In a child, before exec: SIGTERM when the parent dies (Linux), so that a reproduce
-  killed with -9 does not leave its runs training on and holding their workdirs."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
 
 
 def command(row: Row, workdir: str) -> list[str]:
@@ -277,7 +264,7 @@ def main(argv):
         log = open(path + ".log", "a")
         running[row.name] = subprocess.Popen(
             command(row, path), cwd=ROOT, env=_environment(), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=children.die_with_parent)
         log.close()
         state[row.name] = "training"
         print(f"[{elapsed:.0f} s] {row.name}: started (log {path}.log)", flush=True)

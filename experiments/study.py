@@ -28,6 +28,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import children
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The boundary-rate penalty of the study's rows (not the paper's): weight 10, z¹'s rate kept
@@ -106,15 +108,24 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow
 flags.DEFINE_bool("quick", False, "Tiny models and runs (a smoke test of the study itself).")
 
 
+#: What a run's results.json must hold for the table (a file without them is set aside).
+RESULT_KEYS = ("test", "parameters", "steps")
+
+
 def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
   """One run of the binary (resumed if its workdir has checkpoints): its results.json, or
   ``{"diverged": the binary's one-line error}`` when training stopped on a non-finite loss or
-  gradient (kept in ``<workdir>.diverged``, so that a rerun of the study does not repeat it)."""
+  gradient (kept in ``<workdir>.diverged``, so that a rerun of the study does not repeat it).
+  A results.json that cannot be used (truncated, not the run's) is named, set aside as
+  ``results.json.broken`` and made again by the binary (from the run's checkpoints)."""
   results = os.path.join(workdir, "results.json")
   diverged = workdir + ".diverged"
   if os.path.exists(diverged):
-    with open(diverged) as f:
+    with open(diverged, errors="replace") as f:
       return {"diverged": f.read().strip()}
+  if os.path.exists(results) and children.read_json(results, RESULT_KEYS) is None:
+    print(f"row {name}, seed {seed}: {results} is unreadable or incomplete; set aside as "
+          f"{children.set_aside(results)}, the run's report is made again", flush=True)
   if not os.path.exists(results):
     argv = [sys.executable, "-m", "experiments.charlm", "--flagfile=study.flags",
             f"--manual_dir={FLAGS.manual_dir}", f"--workdir={workdir}", f"--seed={seed}",
@@ -125,7 +136,8 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
     start = time.time()
     try:
       with open(workdir + ".log", "a") as log:
-        status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=children.die_with_parent).returncode
     finally:  # the run's wall time on this machine, over every session that resumed it
       _add_seconds(workdir, time.time() - start)
     with open(workdir + ".log") as log:
@@ -137,8 +149,13 @@ def run_one(name: str, extra: tuple, seed: int, workdir: str) -> dict:
     if status != 0:
       sys.exit(f"row {name}, seed {seed}: the run failed (exit {status}); see {workdir}.log, "
                "then run the study again to resume")
-  with open(results) as f:
-    return dict(json.load(f), wall_s=wall_seconds(workdir))
+  run = children.read_json(results, RESULT_KEYS)
+  if run is None:
+    sys.exit(f"row {name}, seed {seed}: the run ended but {results} is unreadable or "
+             "incomplete; see its log, then run the study again")
+  # the trainer's own record (all sessions of the run, even one whose study was killed),
+  # else what this study timed (runs made before the trainer recorded it)
+  return dict(run, wall_s=run.get("train_s") or wall_seconds(workdir))
 
 
 def _add_seconds(workdir: str, seconds: float) -> None:
@@ -148,12 +165,20 @@ def _add_seconds(workdir: str, seconds: float) -> None:
 
 
 def wall_seconds(workdir: str) -> float:
-  """The seconds the study has spent in the run of ``workdir`` (0 when none recorded)."""
+  """The seconds the study has spent in the run of ``workdir`` (0 when none recorded; lines
+  that are not numbers, e.g. a write cut short, are skipped)."""
   try:
-    with open(workdir + ".seconds") as f:
-      return sum(float(x) for x in f.read().split())
+    with open(workdir + ".seconds", errors="replace") as f:
+      words = f.read().split()
   except FileNotFoundError:
     return 0.0
+  total = 0.0
+  for word in words:
+    try:
+      total += float(word)
+    except ValueError:
+      continue
+  return total
 
 
 def summary(runs: list[dict]) -> dict:

@@ -46,6 +46,59 @@ def test_quick_study_runs_the_binary_per_row_and_prints_one_table(tmp_path):
   assert again.returncode == 0 and time.time() - start < 60
   assert [l for l in again.stdout.splitlines() if l.startswith("|")] == \
          [l for l in result.stdout.splitlines() if l.startswith("|")]
+  # Issue 32: a truncated results.json, an empty one and garbage wall times are named, set
+  # aside and made again from the runs' checkpoints (the same numbers), not crashed on.
+  paper = os.path.join(work, "paper_seed0", "results.json")
+  with open(paper) as f:
+    text = f.read()
+  with open(paper, "w") as f:
+    f.write(text[:len(text) // 2])
+  with open(os.path.join(work, "lnlstm_seed0", "results.json"), "w") as f:
+    f.write("{}")
+  with open(os.path.join(work, "rate_band_seed0.seconds"), "a") as f:
+    f.write("garbage\n")
+  repaired = _study(*args)
+  assert repaired.returncode == 0 and "Traceback" not in repaired.stderr, repaired.stderr[-3000:]
+  for name in ("paper", "lnlstm"):
+    assert f"row {name}, seed 0: " in repaired.stdout and "set aside" in repaired.stdout
+    assert os.path.exists(os.path.join(work, f"{name}_seed0", "results.json.broken"))
+  assert [l for l in repaired.stdout.splitlines() if l.startswith("|")] == \
+         [l for l in result.stdout.splitlines() if l.startswith("|")]
+
+
+def test_a_study_killed_with_9_does_not_leave_its_run_going(tmp_path):
+  """Issue 32: kill -9 of the study: its child run gets SIGTERM (it dies with its parent),
+  checkpoints and ends; the next study resumes it."""
+  work = tmp_path / "study"
+  args = ("--quick", "--rows=paper", "--seeds=0", f"--workdir={work}",
+          f"--manual_dir={os.path.join(SHARED_DATA, 'ptb_char')}", f"--data_dir={tmp_path / 'tfds'}")
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.study", *args], cwd=ROOT,
+                          env=dict(os.environ, XLA_FLAGS=""), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  log = work / "paper_seed0.log"
+  deadline = time.time() + 300
+  while not (log.exists() and "training " in log.read_text()):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.1)
+  child = int((work / "paper_seed0" / ".lock").read_text().split()[1])
+  proc.kill()
+  proc.wait()
+  deadline = time.time() + 120
+  while os.path.exists(f"/proc/{child}") and "zombie" not in _state(child):
+    assert time.time() < deadline, "the study's run outlived it"
+    time.sleep(0.2)
+  assert "stopped" in log.read_text()  # at a step, or in the report (exit 75 both)
+  again = _study(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from" in log.read_text()
+
+
+def _state(pid: int) -> str:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return next((line for line in f if line.startswith("State:")), "")
+  except OSError:
+    return ""
 
 
 def test_bad_rows_and_missing_files_are_one_clear_error(tmp_path):

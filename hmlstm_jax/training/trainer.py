@@ -29,8 +29,8 @@ What the trainer guarantees, whatever happens to the process:
   would cut the learning rate for the ``max_lr_cuts + 1``-th time ends the run there (the
   cut is applied, so raising ``max_lr_cuts`` continues it). The count, the wall time spent
   (``train_s``, over every process that resumed the run) and the device are in every
-  checkpoint's record, in ``progress.json`` (rewritten after each validation, so that a run
-  stopped at any point has its figures on disk) and in ``results.json``.
+  checkpoint's record, in ``progress.json`` (rewritten after each validation and checkpoint,
+  so that a run stopped at any point has its figures on disk) and in ``results.json``.
 * SIGTERM or SIGINT during training: a checkpoint at the next step (with several processes:
   at the next progress line, where the processes agree to stop), status ``'preempted'``;
   during the final report: :class:`.errors.Preempted` at once (the report is redone when run
@@ -363,6 +363,7 @@ class Run:
         self.meta, step=self.step, epoch=self.step / self.steps_per_epoch, position=position,
         schedule=jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), schedule)))
     self._saved_step = self.step
+    self.workdir.write("progress.json", json.dumps(self.progress(), indent=1))
 
   # ----------------------------------------------------------------------- the end
 
