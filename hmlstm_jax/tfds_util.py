@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -53,7 +54,7 @@ def prepared(builder_cls, data_dir: str | None, manual_dir: str | None):
   started together (``experiments.reproduce``, a study) prepare it once: the others wait,
   then read it, where they raced to rename TFDS's incomplete directory and the loser failed
   ("Cannot rename ... already exists"). The builder is made inside the lock, so that it sees
-  what the winner wrote.
+  what the winner wrote. A full disk is one line naming the directory (OSError).
   """
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   root = os.fspath(builder_cls(data_dir=data_dir, file_format="array_record").data_path)
@@ -66,5 +67,19 @@ def prepared(builder_cls, data_dir: str | None, manual_dir: str | None):
   with open(os.path.join(lock_dir, ".prepare.lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     builder = builder_cls(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=config)
+    try:
+      builder.download_and_prepare(download_config=config)
+    except (RuntimeError, OSError) as err:
+      full = next((why for why in _FULL if why in str(err)), None)
+      if full is None:
+        raise
+      free = shutil.disk_usage(lock_dir).free / 2**20
+      raise OSError(  # one line for the binaries (TFDS's is a 60-line traceback)
+          f"cannot prepare {builder.name} in {lock_dir}: {full} ({free:.0f} MB free there now; "
+          "TFDS removed its incomplete copy); free space on that disk (a few times the "
+          "archive's unpacked size) or choose another --data_dir, then run again") from None
   return builder
+
+
+#: What TFDS's writers say when the disk (or the process's file-size limit) refuses a write.
+_FULL = ("No space left on device", "File too large", "Disk quota exceeded")

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from conftest import SHARED_DATA
+
 from experiments import charlm
 from hmlstm_jax import settings
 from hmlstm_jax import training
@@ -263,6 +265,28 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
           if p.endswith(".tmp") or "orbax-checkpoint-tmp" in p]
   assert left == []
   assert checkpoints.Checkpointer(str(workdir), 3).steps() == []
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")
+def test_a_full_disk_while_preparing_a_dataset_is_one_line_naming_the_data_dir(tmp_path):
+  """Issue 32, item 4: TFDS's failed write of PTB's training shard (a 1 MB file-size limit
+  stands for a full disk) was a 62-line traceback; now one line naming the data dir, and a
+  rerun with room prepares it (TFDS removed its incomplete copy)."""
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+  tfds_dir = tmp_path / "tfds"
+  argv = [*_binary(str(tmp_path / "run")), "--dataset=ptb", f"--data_dir={tfds_dir}",
+          f"--manual_dir={os.path.join(SHARED_DATA, 'ptb_char')}"]
+  result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=_env(), preexec_fn=limit)
+  _one_line_error(result, f"cannot prepare ptb_char in {tfds_dir}/ptb_char: File too large",
+                  "free space on that disk", "--data_dir")
+  assert sorted(os.listdir(tfds_dir / "ptb_char")) == [".prepare.lock"]  # nothing half-made
+  from hmlstm_jax.charlm import data
+  corpus = data.load("ptb", data_dir=str(tfds_dir), manual_dir=os.path.join(SHARED_DATA, "ptb_char"))
+  assert len(corpus.splits["train"]) > 5_000_000
 
 
 @pytest.mark.filterwarnings("ignore:os.fork")
