@@ -54,7 +54,8 @@ def prepared(builder_cls, data_dir: str | None, manual_dir: str | None):
   started together (``experiments.reproduce``, a study) prepare it once: the others wait,
   then read it, where they raced to rename TFDS's incomplete directory and the loser failed
   ("Cannot rename ... already exists"). The builder is made inside the lock, so that it sees
-  what the winner wrote. A full disk is one line naming the directory (OSError).
+  what the winner wrote, and removes the ``incomplete.*`` directories of a preparation that was
+  killed (TFDS never cleans them). A full disk is one line naming the directory (OSError).
   """
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   root = os.fspath(builder_cls(data_dir=data_dir, file_format="array_record").data_path)
@@ -66,6 +67,9 @@ def prepared(builder_cls, data_dir: str | None, manual_dir: str | None):
   os.makedirs(lock_dir, exist_ok=True)
   with open(os.path.join(lock_dir, ".prepare.lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
+    for name in os.listdir(lock_dir):  # left by a preparation killed mid-way: no one else
+      if name.startswith("incomplete."):  # prepares while we hold the lock
+        shutil.rmtree(os.path.join(lock_dir, name), ignore_errors=True)
     builder = builder_cls(data_dir=data_dir, file_format="array_record")
     try:
       builder.download_and_prepare(download_config=config)

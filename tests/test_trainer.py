@@ -453,6 +453,25 @@ def test_a_non_finite_loss_names_its_step_and_keeps_the_last_good_checkpoint(tmp
   assert checkpoints.Checkpointer(path, 3).steps() == [8]
 
 
+def test_a_checkpoint_record_edited_by_hand_is_one_error_naming_the_field(tmp_path):
+  """Issue 32: a best_step of "../../x" in a checkpoint's JSON record was used in a path."""
+  path = str(tmp_path / "w")
+  training.train_and_evaluate(regression(checkpoint_every=8), path, max_steps=32)
+  record = os.path.join(path, "checkpoints", "32", "meta", "metadata")
+  original = json.load(open(record))
+  for field, value, words in (("best_step", "../../x", "best_step '../../x' is not one of"),
+                              ("best_step", 999, "best_step 999 is not one of"),
+                              ("lr_cuts", -1, "lr_cuts -1 is not a count"),
+                              ("history", {}, "train_s or history has the wrong type")):
+    with open(record, "w") as f:
+      json.dump(dict(original, **{field: value}), f)
+    with pytest.raises(training.RunError, match=f"the record of checkpoint 32 in .*: {words}"):
+      training.train_and_evaluate(regression(checkpoint_every=8), path, max_steps=8)
+  with open(record, "w") as f:
+    json.dump(original, f)
+  assert training.train_and_evaluate(regression(checkpoint_every=8), path, max_steps=8)["step"] == 40
+
+
 def _garble(step_dir):
   for root, _, names in os.walk(step_dir):
     for name in names:

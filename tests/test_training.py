@@ -284,9 +284,11 @@ def test_a_full_disk_while_preparing_a_dataset_is_one_line_naming_the_data_dir(t
   _one_line_error(result, f"cannot prepare ptb_char in {tfds_dir}/ptb_char: File too large",
                   "free space on that disk", "--data_dir")
   assert sorted(os.listdir(tfds_dir / "ptb_char")) == [".prepare.lock"]  # nothing half-made
+  os.makedirs(tfds_dir / "ptb_char" / "incomplete.KILLED_1.0.0")  # what a kill -9 leaves
   from hmlstm_jax.charlm import data
   corpus = data.load("ptb", data_dir=str(tfds_dir), manual_dir=os.path.join(SHARED_DATA, "ptb_char"))
   assert len(corpus.splits["train"]) > 5_000_000
+  assert sorted(os.listdir(tfds_dir / "ptb_char")) == [".prepare.lock", "1.0.0"]
 
 
 @pytest.mark.filterwarnings("ignore:os.fork")

@@ -172,6 +172,7 @@ class Run:
       say(f"resumed from {self.workdir.path} at step {self.step}")
       for key, default in (("lr_cuts", 0), ("ended", None), ("train_s", 0.0)):
         self.meta.setdefault(key, default)  # records of checkpoints made before these keys
+      self._check_record()
       if self._rule_ends():
         self.total_steps = self.step  # ended by the stopping rule: straight to the report
     self._mark = time.time()
@@ -220,6 +221,26 @@ class Run:
               "run again to continue")
           return "preempted"
     return "done"
+
+  def _check_record(self) -> None:
+    """The restored record's fields the trainer relies on, checked: a record edited by hand or
+    by another program (``best_step`` "../../x" once made the report read outside the
+    workdir) is one RunError, not a path or a crash."""
+    m, where = self.meta, f"the record of checkpoint {self.step} in {self.ckpt.directory}"
+    saved = set(self.ckpt.steps())
+    problems = []
+    if m["best_step"] is not None and (type(m["best_step"]) is not int
+                                       or m["best_step"] not in saved):
+      problems.append(f"best_step {m['best_step']!r} is not one of its checkpoints")
+    if m["best"] is not None and not isinstance(m["best"], (int, float)):
+      problems.append(f"best {m['best']!r} is not a number")
+    if type(m["lr_cuts"]) is not int or m["lr_cuts"] < 0:
+      problems.append(f"lr_cuts {m['lr_cuts']!r} is not a count")
+    if not isinstance(m["train_s"], (int, float)) or not isinstance(m["history"], list):
+      problems.append("train_s or history has the wrong type")
+    if problems:
+      raise RunError(f"{where}: {'; '.join(problems)}; restore it, or move the checkpoints "
+                     "aside to start afresh")
 
   def _rule_ends(self) -> bool:
     """True when the stopping rule has ended the run: more plateaus than ``max_lr_cuts``."""
