@@ -1,6 +1,8 @@
 """Corpora (TFDS builders from local archives), the synthetic corpus, truncated-BPTT batching."""
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -120,6 +122,54 @@ def _ptb_archive(manual, texts, repeat=20):
       info = tarfile.TarInfo(f"./simple-examples/data/ptb.char.{split}.txt")
       info.size = len(blob)
       tar.addfile(info, io.BytesIO(blob))
+
+
+class _Zeros:
+  """A file of ``size`` zero bytes that is never held in memory."""
+
+  def __init__(self, size):
+    self.left = size
+
+  def read(self, n=-1):
+    n = self.left if n < 0 else min(n, self.left)
+    self.left -= n
+    return bytes(n)
+
+
+def test_a_crafted_archive_is_refused_unread_with_bounded_memory(tmp_path):
+  """Issue 32: a simple-examples.tgz whose training member is 512 MB of zeros (0.5 MB packed)
+  took 4.96 GB of memory; now it is refused from its header, and the process stays under
+  1 GB (TFDS and JAX imported)."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  size = 512 * 2**20
+  with tarfile.open(manual / "simple-examples.tgz", "w:gz", compresslevel=1) as tar:
+    for split in ("valid", "test", "train"):
+      info = tarfile.TarInfo(f"./simple-examples/data/ptb.char.{split}.txt")
+      info.size = size if split == "train" else 10
+      tar.addfile(info, _Zeros(info.size))
+  script = ("import resource, sys\n"
+            "from hmlstm_jax.charlm.data import corpora\n"
+            "try:\n"
+            f"  corpora.load_corpus('ptb', data_dir={str(tmp_path / 'tfds')!r}, manual_dir={str(manual)!r})\n"
+            "except ValueError as err:\n"
+            "  print(err)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  lines = out.stdout.strip().splitlines()
+  assert out.returncode == 0 and len(lines) >= 2, out.stderr[-2000:]
+  assert f"ptb.char.train.txt unpacks to {size:,} bytes, more than 1.5x the canonical" in lines[-2]
+  assert int(lines[-1]) < 2**20  # kB: under 1 GB at its peak
+
+
+def test_a_zip_member_far_larger_than_the_canonical_file_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setattr(corpora.ZipCorpus, "MEMBER_BYTES", 1000)
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  _zip(manual / "text8.zip", "text8", b"ab " * 600)  # 1,800 bytes
+  with pytest.raises(ValueError, match="text8 unpacks to 1,800 bytes, more than 1.5x"):
+    corpora.load_corpus("text8", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
 
 
 def test_ptb_builder_reads_simple_examples_tgz(tmp_path, small_chunks):

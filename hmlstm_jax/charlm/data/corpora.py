@@ -122,19 +122,36 @@ def _cut_90_5_5(data: bytes) -> dict[str, bytes]:
   return {"train": data[:a], "validation": data[a:b], "test": data[b:]}
 
 
-def _read_zip_member(archive: str, member: str) -> bytes:
+#: How much larger than the canonical file an archive's member may unpack to before it is
+#: refused unread: a crafted archive (2 GB of zeros pack into 2.4 MB) must not exhaust memory,
+#: since a member is read whole and processed at several times its size.
+MAX_GROWTH = 1.5
+
+
+def check_member_size(archive: str, member: str, size: int, canonical: int) -> None:
+  """ValueError when ``member`` unpacks to more than ``MAX_GROWTH`` × ``canonical`` bytes."""
+  if size > MAX_GROWTH * canonical:
+    raise ValueError(
+        f"{archive}: {member} unpacks to {size:,} bytes, more than {MAX_GROWTH}x the canonical "
+        f"file's {canonical:,}: it is not the canonical data (nothing was read); replace the "
+        "archive and run again")
+
+
+def _read_zip_member(archive: str, member: str, canonical: int) -> bytes:
   with zipfile.ZipFile(archive) as z:
     if member not in z.namelist():
       raise ValueError(f"{archive} has no member {member!r} (it has {z.namelist()[:5]})")
+    check_member_size(archive, member, z.getinfo(member).file_size, canonical)
     return z.read(member)
 
 
 class ZipCorpus(CorpusBuilder):
   """A corpus that is one file ``MEMBER`` in a zip archive, cut 90 / 5 / 5 in order."""
   MEMBER: str = ""
+  MEMBER_BYTES = 100_000_000  # text8 and enwik8 are both the first 10^8 bytes of a dump
 
   def read_splits(self, archive):
-    return _cut_90_5_5(_read_zip_member(archive, self.MEMBER))
+    return _cut_90_5_5(_read_zip_member(archive, self.MEMBER, self.MEMBER_BYTES))
 
 
 class Text8(ZipCorpus):
@@ -181,6 +198,8 @@ class PtbChar(CorpusBuilder):
   ARCHIVE_BYTES = 34_869_662
   HOMEPAGE = "http://www.fit.vutbr.cz/~imikolov/rnnlm/"
   FILES = {"train": "ptb.char.train.txt", "validation": "ptb.char.valid.txt", "test": "ptb.char.test.txt"}
+  FILE_BYTES = {"ptb.char.train.txt": 10_034_964, "ptb.char.valid.txt": 786_084,
+                "ptb.char.test.txt": 884_846}  # Mikolov's (../shared/data/ptb_char/README.md)
 
   def read_splits(self, archive):
     out = {}
@@ -189,6 +208,7 @@ class PtbChar(CorpusBuilder):
       for split, name in self.FILES.items():
         if name not in members:
           raise ValueError(f"{archive} has no data/{name}")
+        check_member_size(archive, name, members[name].size, self.FILE_BYTES[name])
         out[split] = read_ptb_char(tar.extractfile(members[name]).read(), f"{archive}: {name}")
     return out
 
@@ -217,6 +237,7 @@ class PtbCharStudy(CorpusBuilder):
     texts = {}
     for name in self.FILES:
       path = os.path.join(manual, name)
+      check_member_size(manual, name, os.path.getsize(path), PtbChar.FILE_BYTES[name])
       logging.info("%s: using %s (sha256 %s)", self.name, path, sha256_of(path))
       with open(path, "rb") as f:
         texts[name] = [line for line in ascii_text(f.read(), path).splitlines() if line.strip()]
