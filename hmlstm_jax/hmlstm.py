@@ -249,12 +249,47 @@ def _check_state(config: HMLSTMConfig, state: State) -> None:
                      "make it with initial_state(config, batch_size)")
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_params(config: HMLSTMConfig) -> tuple[dict[str, tuple[int, ...]], ...]:
+  """Per layer, each parameter's path (``"['ln_W']['scale']"``) and shape for ``config``."""
+  abstract = jax.eval_shape(lambda key: init_params(key, config), jax.random.key(0))
+  return tuple({jax.tree_util.keystr(path): leaf.shape
+                for path, leaf in jax.tree_util.tree_leaves_with_path(layer)}
+               for layer in abstract)
+
+
+def check_params(config: HMLSTMConfig, params) -> None:
+  """The parameters against the config (Eq. 5-7's matrices, bias and layer-norm gains of
+  :func:`init_params`): the same layers, names and shapes. Raises ValueError naming the first
+  leaf that differs and the settings that decide it (params of another width, input size,
+  depth or layer-norm setting failed deep inside the matmuls before)."""
+  expected = _expected_params(config)
+  decided = (f"layer_sizes {config.layer_sizes}, input_size {config.input_size}, layer_norm "
+             f"{config.layer_norm}, ln_placement {config.ln_placement!r}")
+  if not isinstance(params, (tuple, list)) or len(params) != len(expected):
+    got = f"{len(params)} layers" if isinstance(params, (tuple, list)) else type(params).__name__
+    raise ValueError(f"params must be a tuple of {len(expected)} per-layer dicts (init_params for "
+                     f"this config: {decided}), got {got}")
+  for layer, (p, want) in enumerate(zip(params, expected)):
+    got = {jax.tree_util.keystr(path): jnp.shape(leaf)
+           for path, leaf in jax.tree_util.tree_leaves_with_path(p)}
+    for name in sorted(set(want) | set(got)):
+      if got.get(name) != want.get(name):
+        what = ("is missing" if name not in got else "is not a parameter of this config"
+                if name not in want else f"has shape {got[name]}, this config needs {want[name]}")
+        raise ValueError(f"params[{layer}]{name} {what} ({decided}): pass the params made "
+                         "by init_params for this config")
+
+
 def check_inputs(config: HMLSTMConfig, state: State, x: jax.Array, slope,
-                 time_major: bool) -> None:
+                 time_major: bool, params=None) -> None:
   """The checks at the public boundary of :func:`step` (x: (B, input)) and :func:`unroll`
-  (x: (T, B, input)): layers, widths, batch and dtype of the state against the inputs, and a
-  concrete slope a > 0 (:func:`boundary.check_slope`). Raises ValueError naming both shapes
-  and the likely mistake."""
+  (x: (T, B, input)): the params against the config (:func:`check_params`, when given),
+  layers, widths, batch and dtype of the state against the inputs, and a concrete slope
+  a > 0 (:func:`boundary.check_slope`). Raises ValueError naming both shapes and the likely
+  mistake."""
+  if params is not None:
+    check_params(config, params)
   _check_state(config, state)
   want = f"(T, B, {config.input_size})" if time_major else f"(B, {config.input_size})"
   if x.ndim != (3 if time_major else 2) or x.shape[-1] != config.input_size:
@@ -635,7 +670,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     run bottom to top whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
     :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
   """
-  check_inputs(config, state, x_t, slope, time_major=False)
+  check_inputs(config, state, x_t, slope, time_major=False, params=params)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
   body = _forward_body(_small_params(params), _kernels(params, apart=True), slope, config, False,
@@ -705,7 +740,7 @@ def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConf
              deterministic: bool, seq_lengths, reset) -> tuple:
   """What :func:`unroll` and :func:`internals` start from, checked: layer 1's W x for all
   steps, the slope, the noise, the per-row flags and the parameters split for the scan."""
-  check_inputs(config, state, xs, slope, time_major=True)
+  check_inputs(config, state, xs, slope, time_major=True, params=params)
   T, B = xs.shape[:2]
   valid = None
   if seq_lengths is not None:

@@ -246,6 +246,26 @@ def test_bad_config_and_shapes_fail_clearly():
     H.straight_through_boundary(jnp.ones(3), 0.0, 0.5)
 
 
+def test_params_of_another_config_are_named_at_the_boundary():
+  """Issue 31, item 3: params of another width, input size, depth or layer-norm setting
+  failed deep in cell.py ("dot_general requires contracting dimensions ...")."""
+  config, params, xs = _setup()
+  state = H.initial_state(config, B)
+  other = lambda **kw: H.init_params(jax.random.key(0), dataclasses.replace(config, **kw))
+  sizes = config.layer_sizes
+  for bad, words in ((other(input_size=7), r"params\[0\]\['W'\] has shape \(7, "),
+                     (other(layer_sizes=(sizes[0] + 1,) + sizes[1:]),
+                      r"params\[0\]\['U'\] has shape"),
+                     (params[:-1], rf"params must be a tuple of {len(sizes)} per-layer dicts"),
+                     (other(layer_norm=not config.layer_norm),
+                      r"params\[0\]\['ln_\w+'\]\['\w+'\] (is missing|is not a parameter)")):
+    with pytest.raises(ValueError, match=words):
+      H.unroll(bad, state, xs, 1.0, config=config)
+    with pytest.raises(ValueError, match=words):
+      H.step(bad, state, xs[0], 1.0, config=config)
+  jax.jit(lambda p: H.unroll(p, state, xs, 1.0, config=config))(params)  # the right ones pass
+
+
 def test_init_params_shapes_follow_the_paper():
   config = H.HMLSTMConfig(input_size=3, layer_sizes=(4, 5, 6), layer_norm=True)
   p = H.init_params(jax.random.key(0), config)
