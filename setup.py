@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hmlstm_jax", "hmlstm_jax.*", "experiments", "experiments.*"]),
-    package_data={"experiments": ["flags/*.flags"]},
+    package_data={"experiments": ["flags/*.flags"], "hmlstm_jax": ["py.typed"]},
     python_requires=">=3.11",
     # Lower bounds are the versions the test suite was run with (CPU, Python 3.11).
     install_requires=[

@@ -35,6 +35,9 @@ from hmlstm_jax.hmlstm import LayerState
 from hmlstm_jax.hmlstm import State
 from hmlstm_jax.hmlstm import UnrollOutputs
 from hmlstm_jax.hmlstm import boundary_noise
+from hmlstm_jax.hmlstm import boundary_rate_penalty
+from hmlstm_jax.hmlstm import boundary_rates
+from hmlstm_jax.hmlstm import check_params
 from hmlstm_jax.hmlstm import init_params
 from hmlstm_jax.hmlstm import initial_state
 from hmlstm_jax.hmlstm import Internals
@@ -46,16 +49,18 @@ from hmlstm_jax.hmlstm import unroll
 from hmlstm_jax.nn import HMLSTM
 from hmlstm_jax.nn import OutputModule
 from hmlstm_jax import nnx
+from hmlstm_jax.nnx import reverse_within_lengths
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BOUNDARY_VARIANTS", "COPY", "FLUSH", "UPDATE", "CharLMConfig", "CharLMOutputs", "HMLSTM",
     "HMLSTMConfig", "HMLSTMSettings", "HandwritingConfig", "Internals", "LayerState", "OutputModule", "RecurrentConfig", "State",
-    "UnrollOutputs", "boundary_noise", "f_bound", "handwriting_apply", "handwriting_loss",
+    "UnrollOutputs", "boundary_noise", "boundary_rate_penalty", "boundary_rates", "check_params",
+    "f_bound", "handwriting_apply", "handwriting_loss",
     "init_handwriting", "sequence_log_likelihoods",
     "charlm_apply", "charlm_loss", "charlm_step", "hard_sigmoid", "init_charlm", "init_output_module",
     "init_params", "init_softmax", "initial_state", "internals", "layer_update", "operation_counts",
     "operations", "output_module", "pre_activation", "slope_schedule", "softmax_logits", "step",
-    "straight_through_boundary", "unroll", "nnx",
+    "reverse_within_lengths", "straight_through_boundary", "unroll", "nnx",
 ]

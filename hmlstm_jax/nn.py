@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 
+__all__ = ["HMLSTM", "OutputModule"]
+
 
 class HMLSTM(nn.Module):
   """The HM-LSTM of Eq. 1-9 unrolled over a sequence (see :func:`hmlstm.unroll`).

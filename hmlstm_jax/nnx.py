@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 
+__all__ = ["HMLSTM", "OutputModule", "reverse_within_lengths"]
+
 
 def _params(tree: dict) -> nnx.Dict:
   """A dict of arrays (one layer's, or a head's) as an ``nnx.Dict`` of ``nnx.Param``."""
