@@ -19,7 +19,10 @@ best validation's checkpoint; while a run trains, its best validation so far), b
 epoch, steps, epochs and wall time, how the run ended, the device, each layer's compute share
 (UPDATE or FLUSH) and the F1 of z¹ and z² against word ends (at the separator and one step
 later). ``--width=cpu`` is the paper's recipe at reduced width (3 × 128 HM-LSTM against the
-LayerNorm LSTM of equal parameters, 3 × 149), never the paper's rows.
+LayerNorm LSTM of equal parameters, 3 × 149), never the paper's rows. ``--interim_reports``
+(no training) evaluates the best checkpoint so far of every row stopped before its end on
+validation and test (``interim.json``, the boundary figure, samples): the table then gives
+that test BPC, marked "so far".
 """
 from __future__ import annotations
 
@@ -88,6 +91,10 @@ flags.DEFINE_float("stop_s", 90, "Seconds before the budget at which running one
                    "to stop (one step, a validation in progress and a checkpoint must fit).",
                    lower_bound=0)
 flags.DEFINE_float("poll_s", 5, "Seconds between looks at the runs.", lower_bound=0.1)
+flags.DEFINE_bool("interim_reports", False, "Train nothing: for every row stopped before its "
+                  "end, evaluate its best checkpoint so far on validation and test (its "
+                  "interim.json, figure and samples), and fill the table with those numbers, "
+                  "marked 'so far'. A later call without it trains on.")
 
 
 # --------------------------------------------------------------------------- the table
@@ -118,6 +125,11 @@ def figures(workdir: str) -> dict:
                                 needs=("step", "epoch", "steps_per_epoch", "history"))
   if progress is None:
     return out
+  interim = children.read_json(os.path.join(workdir, "interim.json"),
+                               needs=("test", "validation", "best_step"))
+  if interim is not None and interim["best_step"] == progress.get("best_step"):
+    out.update(test_bpc=interim["test"]["bpc"], interim=True,
+               parameters=interim.get("parameters"))  # the best so far, evaluated
   out.update(finished=False, steps=progress["step"], epochs=progress["epoch"],
              train_s=progress.get("train_s"), device=progress.get("device"),
              ended=progress.get("ended"))
@@ -170,7 +182,8 @@ def table(rows: list[tuple[Row, dict, str]], width: str) -> str:
       lines.append(f"| {row.name} ({row.what}) | {row.paper_bpc:.2f} | — | — | {units} | — | — "
                    f"| {status} | — | — | — | — |")
       continue
-    test = f"{f['test_bpc']:.3f}" if "test_bpc" in f else "— (training)"
+    test = (f"{f['test_bpc']:.3f}" + (" (so far)" if f.get("interim") else "")
+            if "test_bpc" in f else "— (training)")
     valid = f"{f['valid_bpc']:.3f}" if "valid_bpc" in f else "—"
     best = f"{f['best_step']} ({f['best_epoch']:.2f})" if "best_step" in f else "—"
     trained = f"{f['steps']} steps, {f['epochs']:.2f} epochs, {(f['train_s'] or 0) / 60:.0f} min"
@@ -188,10 +201,13 @@ def table(rows: list[tuple[Row, dict, str]], width: str) -> str:
 
 
 def command(row: Row, workdir: str) -> list[str]:
-  """The charlm binary's command line for ``row`` at this width."""
+  """The charlm binary's command line for ``row`` at this width (``--interim_report`` with
+  ``--interim_reports``)."""
   extra = WIDTHS[FLAGS.width][1 if row.lstm else 0]
   argv = [sys.executable, "-m", "experiments.charlm", f"--flagfile={row.name}.flags",
           f"--workdir={workdir}", *extra]
+  if FLAGS.interim_reports:
+    argv.append("--interim_report")
   for name in ("manual_dir", "data_dir"):
     if getattr(FLAGS, name):
       argv.append(f"--{name}={os.path.abspath(getattr(FLAGS, name))}")
@@ -238,6 +254,8 @@ def main(argv):
   state: dict[str, str] = {}           # this call's word on each row, for the table
   running: dict[str, subprocess.Popen] = {}
   pending = [r for r in rows if not figures(os.path.join(workdir, r.name)).get("finished")]
+  if FLAGS.interim_reports:  # the rows with a validation to report on
+    pending = [r for r in pending if "best_step" in figures(os.path.join(workdir, r.name))]
   stopping, shown = False, None
   interrupted = []
   handlers = {sig: signal.signal(sig, lambda signum, _: interrupted.append(signum))
@@ -279,7 +297,8 @@ def main(argv):
             continue
         del running[name]
         log = os.path.join(workdir, name + ".log")
-        state[name] = {0: None, 75: "stopped; resumes", -signal.SIGKILL:
+        done = "stopped; resumes (interim report)" if FLAGS.interim_reports else None
+        state[name] = {0: done, 75: "stopped; resumes", -signal.SIGKILL:
                        "killed at the budget; resumes from its last checkpoint"}.get(
                            code, f"failed (exit {code}): {_last_line(log)}")
         print(f"[{time.time() - start:.0f} s] {name}: {state[name] or 'finished'}", flush=True)

@@ -44,8 +44,8 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
     tmp_path):
   """Two rows at once. A 30 s budget (stop asked at 15 s): the command ends within it and
   leaves a readable table. SIGTERM once both have validated: they checkpoint and stop (exit
-  75). Run again: both resume and fill every column, the HM-LSTM's compute and F1 too; once
-  more: nothing to run."""
+  75); --interim_reports gives their best checkpoints' test BPC so far. Run again: both
+  resume and fill every column, the HM-LSTM's compute and F1 too; once more: nothing to run."""
   first, seconds = _reproduce(tmp_path, "--budget_s=30", "--stop_s=15")
   assert first.returncode == 0, first.stderr[-2000:]
   assert seconds < 30 + 5  # the budget, and the interpreter's start and exit
@@ -68,6 +68,15 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
     assert row["status"] == "stopped; resumes" and row["steps"] < 251, row
     assert "stopped at step" in _log(tmp_path, name)
     assert row["valid_bpc"] > 0 and "test_bpc" not in row  # the best validation so far
+
+  interim, _ = _reproduce(tmp_path, "--interim_reports")  # their best so far, on test
+  assert interim.returncode == 0, interim.stderr[-2000:]
+  rows, text = _table(tmp_path)
+  for name, row in rows.items():
+    assert row["interim"] and 2.0 < row["test_bpc"] < 6.0 and not row["finished"], row
+    assert row["status"] == "stopped; resumes (interim report)"
+    assert f"{row['test_bpc']:.3f} (so far)" in text
+    assert not os.path.exists(tmp_path / "w" / name / "results.json")
 
   second, _ = _reproduce(tmp_path)
   assert second.returncode == 0, second.stderr[-2000:]

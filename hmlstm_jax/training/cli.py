@@ -63,6 +63,9 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, "
                       "config.json, results.json and figures; a run in an existing workdir "
                       "resumes. Default: workdirs/<name of the last flagfile>.")
+  flags.DEFINE_bool("interim_report", False, "Train nothing: write interim.json (validation "
+                    "and test of the best checkpoint so far, and the report's figures) for a "
+                    "run stopped before its end; results.json stays for the end.")
   argv, stem = resolve_flagfiles(sys.argv, flags_dir)
 
   def main(argv):
@@ -83,7 +86,8 @@ def run_binary(name: str, config_cls: type, make_experiment: Callable, flags_dir
             "out for the default workdirs/<flagfile name>")
     workdir = f.workdir or default_workdir(config, stem)
     try:
-      result = train_and_evaluate(make_experiment(config), workdir)
+      result = train_and_evaluate(make_experiment(config), workdir,
+                                  interim=f.interim_report)
     except (RunError, ValueError, OSError, jax.errors.JaxRuntimeError) as err:
       lost = distributed.lost_peer(err)  # a collective broke: another process died
       if lost:

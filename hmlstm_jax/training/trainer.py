@@ -388,12 +388,17 @@ class Run:
 
   # ----------------------------------------------------------------------- the end
 
-  def final_report(self) -> dict:
-    """Validation and test with the best parameters, the experiment's report, results.json."""
+  def final_report(self, name: str = "results.json") -> dict:
+    """Validation and test with the best parameters, the experiment's report, written to
+    ``name`` (``interim.json``: the report of a run stopped before its end, from its best
+    checkpoint so far)."""
     best = self.meta["best_step"]
     if best is None:
-      raise RunError(f"the checkpoints in {self.ckpt.directory} name no best step; run again")
-    say(f"final report: the best checkpoint (step {best}) on validation and test")
+      raise RunError(f"the checkpoints in {self.ckpt.directory} name no best step; "
+                     + ("train until a validation first" if name != "results.json" else
+                        "run again"))
+    kind = "final" if name == "results.json" else "interim"
+    say(f"{kind} report: the best checkpoint (step {best}) on validation and test")
     try:
       best_state, _ = self.ckpt.restore(best, self.abstract)
     except Exception as err:
@@ -417,7 +422,7 @@ class Run:
       out.update(extra)
       lines += list(extra_lines)
     say("\n".join(lines))
-    self.workdir.write("results.json", json.dumps(out, indent=1))
+    self.workdir.write(name, json.dumps(out, indent=1))
     out["report"] = "\n".join(lines)
     return out
 
@@ -445,7 +450,8 @@ def open_run(experiment: Experiment, workdir: str) -> Iterator[Run]:
       run.ckpt.close()
 
 
-def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | None = None) -> dict:
+def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | None = None,
+                       interim: bool = False) -> dict:
   """Trains and evaluates ``experiment`` in ``workdir``; resumes from its last checkpoint.
 
   Args:
@@ -454,6 +460,8 @@ def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | No
     workdir: checkpoints, TensorBoard events, ``config.json``, ``results.json``, figures.
     max_steps: stop (with a checkpoint) after this many steps in this call, as a preemption
       would; ``None`` trains to the end.
+    interim: train nothing; report on the best checkpoint so far into ``interim.json``
+      (status ``'interim'``): the figures of a run stopped before its end.
 
   Returns:
     A dict with ``status`` ('done' or 'preempted'), ``step``, ``train_losses`` (this call's
@@ -468,6 +476,10 @@ def train_and_evaluate(experiment: Experiment, workdir: str, max_steps: int | No
     Preempted: a stop request during the final report.
   """
   with open_run(experiment, workdir) as run:
+    if interim:
+      run.signals.make_urgent()
+      return {"status": "interim", "step": run.step, "train_losses": [],
+              **run.final_report("interim.json")}
     run.workdir.write_config()
     writer = metrics.Writer(run.workdir.path)
     try:
