@@ -91,6 +91,9 @@ def check_slope(slope) -> None:
   """Raises ValueError for a concrete slope a that is not positive (or NaN). A traced slope
   cannot be checked: a ≤ 0 flips or zeroes the straight-through gradient and turns every
   boundary off, and a NaN turns them all off, silently."""
+  if jnp.ndim(slope) != 0:
+    raise ValueError(f"the slope a must be a scalar (one a for the whole step, Eq. 9), got "
+                     f"shape {jnp.shape(slope)}")
   try:
     value = float(jnp.asarray(slope))
   except jax.errors.ConcretizationTypeError:  # traced

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import cell
@@ -65,7 +66,7 @@ class HMLSTMSettings:
                            "the forward pass is unchanged).")
 
   def __post_init__(self):
-    object.__setattr__(self, "layer_sizes", tuple(self.layer_sizes))
+    object.__setattr__(self, "layer_sizes", tuple(_as_int(d) for d in self.layer_sizes))
     if not self.ln_gain > 0:
       raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
     if self.st_local and self.ln_boundary:
@@ -140,6 +141,7 @@ class HMLSTMConfig(HMLSTMSettings):
 
   def __post_init__(self):
     super().__post_init__()
+    object.__setattr__(self, "input_size", _as_int(self.input_size))
     if not isinstance(self.input_size, int) or self.input_size < 1:
       raise ValueError(f"input_size must be a positive int, got {self.input_size!r}")
 
@@ -151,6 +153,12 @@ class HMLSTMConfig(HMLSTMSettings):
   def separate_terms(self) -> bool:
     """Whether Eq. 5-7's terms are normalised one by one (so their matmuls stay apart)."""
     return self.layer_norm and self.ln_placement == "terms"
+
+
+def _as_int(value):
+  """A NumPy integer (``np.int64(8)``, a width read from an array) as a Python int; any other
+  value as it is, for the checks to name."""
+  return int(value) if isinstance(value, np.integer) else value
 
 
 class LayerState(NamedTuple):
@@ -294,6 +302,9 @@ def check_inputs(config: HMLSTMConfig, state: State, x: jax.Array, slope,
   want = f"(T, B, {config.input_size})" if time_major else f"(B, {config.input_size})"
   if x.ndim != (3 if time_major else 2) or x.shape[-1] != config.input_size:
     raise ValueError(f"inputs must be {want}, got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"inputs must be floating point (the h^0 of Eq. 7), got {x.dtype}: "
+                     "embed token ids first (e.g. one-hot or an embedding table), or cast")
   batch = x.shape[1] if time_major else x.shape[0]
   for layer, (s, d) in enumerate(zip(state, config.layer_sizes)):
     shapes = (jnp.shape(s.h), jnp.shape(s.c), jnp.shape(s.z))
@@ -748,6 +759,13 @@ def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConf
     if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
       raise ValueError(f"seq_lengths must be ({B},) integers (one length per row of xs), got "
                        f"{lengths.dtype} {lengths.shape}")
+    try:  # concrete lengths are checked; traced ones cannot be (they clamp to [0, T])
+      low, high = (int(lengths.min()), int(lengths.max())) if B else (0, 0)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+      low, high = 0, 0
+    if low < 0 or high > T:
+      raise ValueError(f"seq_lengths must be in [0, {T}] (the sequence length T of xs), got "
+                       f"values from {low} to {high}")
     valid = (jnp.arange(T)[:, None] < lengths[None, :]).astype(xs.dtype)[..., None]
   reset = _row_flags("reset", reset, (T, B), xs.dtype)
   bottom_up_1 = cell.bottom_up_term(params[0], xs, config.matmul_dtype)  # (T, B, R_1): one matmul

@@ -244,6 +244,18 @@ def test_bad_config_and_shapes_fail_clearly():
       H.step(params, H.initial_state(config, B), xs[0], slope, config=config)
   with pytest.raises(ValueError, match="the slope a must be positive"):  # ZeroDivisionError
     H.straight_through_boundary(jnp.ones(3), 0.0, 0.5)
+  # Issue 31, item 3: each of these failed elsewhere or ran silently.
+  state = H.initial_state(config, B)
+  with pytest.raises(ValueError, match=r"the slope a must be a scalar .* got shape \(3,\)"):
+    H.unroll(params, state, xs, jnp.ones(3), config=config)  # "Only scalar arrays can be ..."
+  with pytest.raises(ValueError, match="inputs must be floating point .* got int32: embed"):
+    H.unroll(params, state, xs.astype(jnp.int32), 1.0, config=config)  # "make the state int32"
+  T = xs.shape[0]
+  for lengths in ([T + 1] + [T] * (B - 1), [-1] + [T] * (B - 1)):  # clamped silently
+    with pytest.raises(ValueError, match=rf"seq_lengths must be in \[0, {T}\]"):
+      H.unroll(params, state, xs, 1.0, config=config, seq_lengths=jnp.array(lengths))
+  as_numpy = H.HMLSTMConfig(input_size=np.int64(D), layer_sizes=tuple(np.int64(d) for d in SIZES))
+  assert as_numpy == H.HMLSTMConfig(input_size=D, layer_sizes=SIZES)  # np.int64 was refused
 
 
 def test_params_of_another_config_are_named_at_the_boundary():

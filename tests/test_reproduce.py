@@ -48,7 +48,7 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
   resume and fill every column, the HM-LSTM's compute and F1 too; once more: nothing to run."""
   first, seconds = _reproduce(tmp_path, "--budget_s=30", "--stop_s=15")
   assert first.returncode == 0, first.stderr[-2000:]
-  assert seconds < 30 + 5  # the budget, and the interpreter's start and exit
+  assert seconds < 30 + 5  # the budget (from the command's first line), and the interpreter's exit
   rows, text = _table(tmp_path)
   assert list(rows) == ["ptb", "ptb_lnlstm"] and "| ptb (" in text and "| ptb_lnlstm (" in text
   assert all("budget" in row["status"] or row["status"] == "stopped; resumes"
