@@ -67,6 +67,11 @@ class HMLSTMSettings:
 
   def __post_init__(self):
     object.__setattr__(self, "layer_sizes", tuple(_as_int(d) for d in self.layer_sizes))
+    if self.matmul_dtype is not None and not isinstance(self.matmul_dtype, str):
+      try:  # jnp.bfloat16 or np.dtype('bfloat16') as well as the string
+        object.__setattr__(self, "matmul_dtype", jnp.dtype(self.matmul_dtype).name)
+      except TypeError:
+        pass  # named in the check below
     if not self.ln_gain > 0:
       raise ValueError(f"ln_gain must be positive, got {self.ln_gain!r}")
     if self.st_local and self.ln_boundary:
@@ -321,6 +326,15 @@ def check_inputs(config: HMLSTMConfig, state: State, x: jax.Array, slope,
                        f"state with initial_state(config, batch_size, {x.dtype}) or cast the "
                        "inputs")
   boundary_lib.check_slope(slope)
+
+
+def compute_params(params, dtype):
+  """The dtype policy (as Flax's ``dtype`` / ``param_dtype``): the recurrence computes in the
+  inputs' dtype, so parameters stored in another (float32 params, bfloat16 inputs and state)
+  are cast to it at the boundary, in :func:`unroll` and :func:`step` alike; their gradients
+  come back in the stored dtype."""
+  return jax.tree_util.tree_map(
+      lambda p: p if jnp.result_type(p) == dtype else jnp.asarray(p).astype(dtype), params)
 
 
 _MATRICES = ("W", "U", "U_top")
@@ -682,6 +696,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
   """
   check_inputs(config, state, x_t, slope, time_major=False, params=params)
+  params = compute_params(params, x_t.dtype)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
   body = _forward_body(_small_params(params), _kernels(params, apart=True), slope, config, False,
@@ -752,6 +767,7 @@ def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConf
   """What :func:`unroll` and :func:`internals` start from, checked: layer 1's W x for all
   steps, the slope, the noise, the per-row flags and the parameters split for the scan."""
   check_inputs(config, state, xs, slope, time_major=True, params=params)
+  params = compute_params(params, xs.dtype)
   T, B = xs.shape[:2]
   valid = None
   if seq_lengths is not None:

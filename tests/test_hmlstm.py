@@ -278,6 +278,25 @@ def test_params_of_another_config_are_named_at_the_boundary():
   jax.jit(lambda p: H.unroll(p, state, xs, 1.0, config=config))(params)  # the right ones pass
 
 
+def test_float32_params_with_bfloat16_inputs_compute_in_bfloat16_in_unroll_and_step():
+  """Issue 31, item 4: the dtype policy (Flax's dtype / param_dtype): unroll failed with a
+  lax.scan carry TypeError, step promoted to float32. Now both compute in the inputs' dtype,
+  bit for bit as with bf16 params, and the gradient comes back float32."""
+  config, params, xs = _setup(layer_norm=True)
+  xs16, state16 = xs.astype(jnp.bfloat16), H.initial_state(config, B, jnp.bfloat16)
+  params16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+  for run in (lambda p: H.unroll(p, state16, xs16, 1.0, config=config)[1].h,
+              lambda p: tuple(s.h for s in H.step(p, state16, xs16[0], 1.0, config=config))):
+    mixed, pure = run(params), run(params16)
+    for a, b in zip(mixed, pure):
+      assert a.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    grads = jax.grad(lambda p: sum(h.astype(jnp.float32).sum() for h in run(p)))(params)
+    assert {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
+  assert H.HMLSTMConfig(input_size=D, layer_sizes=SIZES,
+                        matmul_dtype=jnp.bfloat16).matmul_dtype == "bfloat16"  # was refused
+
+
 def test_init_params_shapes_follow_the_paper():
   config = H.HMLSTMConfig(input_size=3, layer_sizes=(4, 5, 6), layer_norm=True)
   p = H.init_params(jax.random.key(0), config)
