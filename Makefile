@@ -15,7 +15,7 @@ install: $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --durations=25 tests
 
 demo: $(PY)
 	$(PY) -m pip install --quiet -e '.[plot]'

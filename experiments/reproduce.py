@@ -326,6 +326,7 @@ def main(argv):
     for sig, handler in handlers.items():
       signal.signal(sig, handler)
   print(shown, end="")
+  print(f"reproduce: ended {time.time() - start:.1f} s after it started", flush=True)
   failed = [n for n, s in state.items() if s and s.startswith("failed")]
   if failed:
     sys.exit(f"reproduce: {', '.join(failed)} failed; see their logs in {workdir}")

@@ -49,7 +49,7 @@ from hmlstm_jax.hmlstm import unroll
 from hmlstm_jax.nn import HMLSTM
 from hmlstm_jax.nn import OutputModule
 from hmlstm_jax import nnx
-from hmlstm_jax.nnx import reverse_within_lengths
+from hmlstm_jax.rnn import reverse_within_lengths
 
 __version__ = "0.1.0"
 

@@ -140,7 +140,8 @@ class HMLSTMConfig(HMLSTMSettings):
     schedule: the order of the layer-steps in :func:`unroll` and its backward
       (:mod:`hmlstm_jax.schedule`): ``'layers'`` (each step's layers bottom to top) or
       ``'two_phase'`` (the layers of a step run in two independent phases; dependent chain
-      2T + L − 2 instead of L·T). The same numbers bit for bit.
+      2T + L − 2 instead of L·T). The same forward numbers bit for bit; gradients the same up
+      to float32 rounding (XLA may sum the two loop bodies' cotangents in another order).
   """
   input_size: int = dataclasses.field(kw_only=True)
 
@@ -294,33 +295,40 @@ def check_params(config: HMLSTMConfig, params) -> None:
                          "by init_params for this config")
 
 
-def check_inputs(config: HMLSTMConfig, state: State, x: jax.Array, slope,
-                 time_major: bool, params=None) -> None:
-  """The checks at the public boundary of :func:`step` (x: (B, input)) and :func:`unroll`
-  (x: (T, B, input)): the params against the config (:func:`check_params`, when given),
+#: The layouts :func:`check_inputs` knows: the shape of the inputs, in the user's words.
+LAYOUTS = {"step": "(B, {})", "time_major": "(T, B, {})", "batch_major": "(B, T, {})"}
+
+
+def check_inputs(config: HMLSTMConfig, state: State, x: jax.Array, slope, layout: str,
+                 params=None) -> None:
+  """The checks at the public boundary of :func:`step` (``layout='step'``, x: (B, input)) and
+  :func:`unroll` (``'time_major'``: (T, B, input), or ``'batch_major'``: (B, T, input), as the
+  user passed them): the params against the config (:func:`check_params`, when given),
   layers, widths, batch and dtype of the state against the inputs, and a concrete slope
-  a > 0 (:func:`boundary.check_slope`). Raises ValueError naming both shapes and the likely
-  mistake."""
+  a > 0 (:func:`boundary.check_slope`). Raises ValueError naming both shapes, as passed, and
+  the likely mistake."""
   if params is not None:
     check_params(config, params)
   _check_state(config, state)
-  want = f"(T, B, {config.input_size})" if time_major else f"(B, {config.input_size})"
-  if x.ndim != (3 if time_major else 2) or x.shape[-1] != config.input_size:
+  want = LAYOUTS[layout].format(config.input_size)
+  if x.ndim != (2 if layout == "step" else 3) or x.shape[-1] != config.input_size:
     raise ValueError(f"inputs must be {want}, got shape {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"inputs must be floating point (the h^0 of Eq. 7), got {x.dtype}: "
                      "embed token ids first (e.g. one-hot or an embedding table), or cast")
-  batch = x.shape[1] if time_major else x.shape[0]
+  batch, other = (x.shape[1], x.shape[0]) if layout == "time_major" else (x.shape[0], x.shape[1])
   for layer, (s, d) in enumerate(zip(state, config.layer_sizes)):
     shapes = (jnp.shape(s.h), jnp.shape(s.c), jnp.shape(s.z))
     if shapes != ((batch, d), (batch, d), (batch, 1)):
       hint = ""
-      if time_major and shapes[0][:1] == (x.shape[0],):
-        hint = ("; the inputs look batch-major (B, T, input): pass jnp.swapaxes(xs, 0, 1), "
-                "or time_major=False to the modules")
+      if layout != "step" and shapes[0][:1] == (other,):
+        hint = {"time_major": "; the inputs look batch-major (B, T, input): pass "
+                              "time_major=False, or jnp.swapaxes(xs, 0, 1)",
+                "batch_major": "; the inputs look time-major (T, B, input): pass "
+                               "time_major=True, or jnp.swapaxes(xs, 0, 1)"}[layout]
       raise ValueError(f"state of layer {layer + 1} has shapes h {shapes[0]}, c {shapes[1]}, "
-                       f"z {shapes[2]}, but inputs {x.shape} give batch {batch} and the config "
-                       f"width {d}: make it with initial_state(config, {batch}){hint}")
+                       f"z {shapes[2]}, but inputs {x.shape} {want} give batch {batch} and the "
+                       f"config width {d}: make it with initial_state(config, {batch}){hint}")
     if jnp.result_type(s.h) != x.dtype:
       raise ValueError(f"state is {jnp.result_type(s.h)} but the inputs are {x.dtype}: make the "
                        f"state with initial_state(config, batch_size, {x.dtype}) or cast the "
@@ -653,7 +661,8 @@ def _samples(key, config: HMLSTMConfig, deterministic: bool) -> bool:
     return False
   if key is None:
     raise ValueError("the 'sample' boundary needs a PRNG key in training; pass key=... "
-                     "or deterministic=True for evaluation (step function)")
+                     "(rngs=... to the modules), or deterministic=True for evaluation (the "
+                     "step function; the modules' eval())")
   return True
 
 
@@ -695,7 +704,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
     run bottom to top whatever ``config.schedule`` (which orders a whole sequence's layer-steps in
     :func:`unroll`, with the same numbers), so a loop of ``step`` equals ``unroll``.
   """
-  check_inputs(config, state, x_t, slope, time_major=False, params=params)
+  check_inputs(config, state, x_t, slope, "step", params=params)
   params = compute_params(params, x_t.dtype)
   sampling = _samples(key, config, deterministic)
   noise = boundary_noise(key, config, x_t.shape[0], x_t.dtype) if sampling else None
@@ -715,9 +724,11 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
 
 def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = None, *,
            config: HMLSTMConfig, deterministic: bool = False, fast_backward: bool = True,
-           seq_lengths: jax.Array | None = None,
-           reset: jax.Array | None = None) -> tuple[State, UnrollOutputs]:
-  """Runs :func:`step` over a time-major sequence with ``lax.scan``.
+           seq_lengths: jax.Array | None = None, reset: jax.Array | None = None,
+           time_major: bool = True) -> tuple[State, UnrollOutputs]:
+  """Runs :func:`step` over a sequence with ``lax.scan``: time-major (T, B, ·) by default, as
+  the scan runs; ``time_major=False`` takes and gives batch-major (B, T, ·) arrays (the
+  modules' default, as ``nnx.RNN``'s), and its errors quote the shapes so.
 
   The first layer's bottom-up projection W_01 x_t (Eq. 7) is computed for all T steps as one
   matmul before the scan; inside the scan each layer does one fused matmul per step, the
@@ -730,7 +741,7 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     params: from :func:`init_params`.
     state: initial state (from :func:`initial_state`, or the final state of the previous
       segment with the gradient stopped, for truncated BPTT).
-    xs: inputs, time-major (T, B, input_size).
+    xs: inputs, (T, B, input_size), or (B, T, input_size) with ``time_major=False``.
     slope: hard-sigmoid slope a (traced).
     key: PRNG key, split into one key per step (``'sample'`` variant in training only).
     config: the :class:`HMLSTMConfig` (static).
@@ -741,17 +752,21 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
       ``seq_lengths[b]`` steps only; its final state is its state after its last real step
       (as if run alone), its outputs past the end are 0 (pass the mask ``t < seq_lengths[b]``
       to :func:`operation_counts`), and no gradient flows from or into the padding.
-    reset: (T, B) bools, or ``None``: where true, the row starts that step from the initial
-      state (zeros), e.g. at the first character of a new document in a stream whose state
-      is carried from segment to segment; the gradient does not cross it.
+    reset: (T, B) bools ((B, T) with ``time_major=False``), or ``None``: where true, the row
+      starts that step from the initial state (zeros), e.g. at the first character of a new
+      document in a stream whose state is carried from segment to segment; the gradient does
+      not cross it.
+    time_major: the layout of ``xs``, ``reset`` and the outputs.
 
   Returns:
     ``(final_state, UnrollOutputs(h, z))``: the state after the last step, to carry into the
-    next segment, and every layer's h^ℓ_t (T, B, d_ℓ) and z^ℓ_t (T, B, 1). The operation of
-    every layer at every step follows from them: see :func:`operations`.
+    next segment, and every layer's h^ℓ_t (T, B, d_ℓ) and z^ℓ_t (T, B, 1) (batch-major:
+    (B, T, ·)). The operation of every layer at every step follows from them (time-major):
+    see :func:`operations`.
   """
-  prepared = _prepare(params, state, xs, slope, key, config, deterministic, seq_lengths, reset)
-  bottom_up_1, slope, noise, valid, reset, small, kernels = prepared
+  prepared = _prepare(params, state, xs, slope, key, config, deterministic, seq_lengths, reset,
+                      time_major)
+  bottom_up_1, slope, noise, valid, reset, small, kernels, state = prepared
   if fast_backward:
     final, hs, zs = _recurrence(config, small, kernels, state, bottom_up_1, slope, noise, valid,
                                 reset)
@@ -759,16 +774,23 @@ def unroll(params, state: State, xs: jax.Array, slope, key: jax.Array | None = N
     final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, False, valid,
                       reset)
     hs, zs = tuple(y[0] for y in ys), tuple(y[1] for y in ys)
-  return final, _masked(valid, UnrollOutputs(h=hs, z=zs))
+  return final, _laid_out(_masked(valid, UnrollOutputs(h=hs, z=zs)), time_major)
+
+
+def _laid_out(tree, time_major: bool):
+  """Per-step arrays of the scan (T, B, ·) in the caller's layout."""
+  return tree if time_major else jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), tree)
 
 
 def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConfig,
-             deterministic: bool, seq_lengths, reset) -> tuple:
-  """What :func:`unroll` and :func:`internals` start from, checked: layer 1's W x for all
-  steps, the slope, the noise, the per-row flags and the parameters split for the scan."""
-  check_inputs(config, state, xs, slope, time_major=True, params=params)
+             deterministic: bool, seq_lengths, reset, time_major: bool) -> tuple:
+  """What :func:`unroll` and :func:`internals` start from, checked in the caller's layout:
+  layer 1's W x for all steps, the slope, the noise, the per-row flags and the parameters
+  split for the scan, time-major."""
+  check_inputs(config, state, xs, slope, "time_major" if time_major else "batch_major",
+               params=params)
   params = compute_params(params, xs.dtype)
-  T, B = xs.shape[:2]
+  T, B = xs.shape[:2] if time_major else xs.shape[1::-1]
   valid = None
   if seq_lengths is not None:
     lengths = jnp.asarray(seq_lengths)
@@ -783,13 +805,41 @@ def _prepare(params, state: State, xs: jax.Array, slope, key, config: HMLSTMConf
       raise ValueError(f"seq_lengths must be in [0, {T}] (the sequence length T of xs), got "
                        f"values from {low} to {high}")
     valid = (jnp.arange(T)[:, None] < lengths[None, :]).astype(xs.dtype)[..., None]
-  reset = _row_flags("reset", reset, (T, B), xs.dtype)
+  reset = (_row_flags("reset", reset, (T, B), xs.dtype, "T, B") if time_major else
+           _row_flags("reset", reset, (B, T), xs.dtype, "B, T"))
+  if not time_major:
+    xs, reset = _laid_out((xs, reset), False)
   bottom_up_1 = cell.bottom_up_term(params[0], xs, config.matmul_dtype)  # (T, B, R_1): one matmul
   noise = None
   if _samples(key, config, deterministic):
     noise = jax.vmap(lambda k: boundary_noise(k, config, B, xs.dtype))(jax.random.split(key, T))
+  params, state = _varying_like((params, state), xs)
   return (bottom_up_1, jnp.asarray(slope, xs.dtype), noise, valid, reset, _small_params(params),
-          _kernels(params))
+          _kernels(params), state)
+
+
+def _varying_like(tree, x: jax.Array):
+  """``tree`` cast to vary over the manual mesh axes that ``x`` varies over, inside
+  ``shard_map`` with its default ``check_vma=True``: the scan's carry must enter as it leaves
+  (varying with the inputs), and so must the custom backward's primals, so that the gradient of
+  replicated params comes back summed over the devices (the transpose of the cast), as
+  autodiff gives it for JAX's own ops. Elsewhere (no manual axes) ``tree`` itself."""
+  axes = _varying_axes(x)
+  if not axes:
+    return tree
+
+  def cast(leaf):
+    missing = tuple(sorted(axes - _varying_axes(leaf)))
+    return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def _varying_axes(x) -> frozenset:
+  """The manual mesh axes ``x`` varies over (its type's ``manual_axis_type.varying``; ``vma``
+  in older JAX)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
 def _past_end_zero(valid, arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
@@ -810,15 +860,16 @@ class Internals(NamedTuple):
 
 def internals(params, state: State, xs: jax.Array, slope, key: jax.Array | None = None, *,
               config: HMLSTMConfig, deterministic: bool = False,
-              seq_lengths: jax.Array | None = None, reset: jax.Array | None = None
-              ) -> tuple[State, UnrollOutputs, Internals]:
+              seq_lengths: jax.Array | None = None, reset: jax.Array | None = None,
+              time_major: bool = True) -> tuple[State, UnrollOutputs, Internals]:
   """:func:`unroll` (the same arguments and numbers) that also returns every step's c^ℓ_t and
   the boundary probability ž^ℓ_t = hard_sigm_a(s^ℓ_t[ž]) (Eq. 9) before f_bound (Eq. 8), e.g.
   to analyse or regularise the detectors. Differentiated by autodiff of the plain scan (not
   the custom backward): slower, for analysis. Past a row's end c and ž are 0, like h and z.
   """
-  prepared = _prepare(params, state, xs, slope, key, config, deterministic, seq_lengths, reset)
-  bottom_up_1, slope, noise, valid, reset, small, kernels = prepared
+  prepared = _prepare(params, state, xs, slope, key, config, deterministic, seq_lengths, reset,
+                      time_major)
+  bottom_up_1, slope, noise, valid, reset, small, kernels, state = prepared
   final, ys = _scan(config, small, kernels, state, bottom_up_1, slope, noise, True, valid, reset)
   hs, zs, cs, projs = (tuple(y[i] for y in ys) for i in range(4))
   prev = _zero_where(reset, _states_before(state, hs, zs, cs))
@@ -830,19 +881,20 @@ def internals(params, state: State, xs: jax.Array, slope, key: jax.Array | None 
                            bottom_up_1 if layer == 0 else None, config.st_local)
     d = config.layer_sizes[layer]
     z_tilde.append(boundary_lib.hard_sigmoid(s[..., 4 * d:4 * d + 1], slope))
-  return (final, _masked(valid, UnrollOutputs(h=hs, z=zs)),
-          Internals(c=_past_end_zero(valid, cs), z_tilde=_past_end_zero(valid, z_tilde)))
+  return (final, _laid_out(_masked(valid, UnrollOutputs(h=hs, z=zs)), time_major),
+          _laid_out(Internals(c=_past_end_zero(valid, cs), z_tilde=_past_end_zero(valid, z_tilde)),
+                    time_major))
 
 
-def _row_flags(name: str, flags, shape: tuple, dtype):
-  """Bools of ``shape`` ((B,) for a step, (T, B) for a sequence) as 0/1 of ``dtype`` with a
-  trailing axis of 1, or ``None``."""
+def _row_flags(name: str, flags, shape: tuple, dtype, axes: str = "B"):
+  """Bools of ``shape`` ((B,) for a step, (T, B) or (B, T) for a sequence, the dimensions
+  named by ``axes``) as 0/1 of ``dtype`` with a trailing axis of 1, or ``None``."""
   if flags is None:
     return None
   flags = jnp.asarray(flags)
   if flags.shape != shape:
-    raise ValueError(f"{name} must have shape {shape} (one flag per row{', per step' if len(shape) == 2 else ''}), "
-                     f"got {flags.shape}")
+    per = "one flag per row" + (", per step" if len(shape) == 2 else "")
+    raise ValueError(f"{name} must have shape ({axes}) = {shape} ({per}), got {flags.shape}")
   return flags.astype(dtype)[..., None]
 
 

@@ -231,7 +231,7 @@ def test_bad_config_and_shapes_fail_clearly():
                                        r"initial_state\(config, 3\)"):
     H.unroll(params, H.initial_state(config, 5), xs, 1.0, config=config)
   with pytest.raises(ValueError, match=r"the inputs look batch-major \(B, T, input\): pass "
-                                       r"jnp.swapaxes\(xs, 0, 1\)"):
+                                       r"time_major=False, or jnp.swapaxes\(xs, 0, 1\)"):
     H.unroll(params, H.initial_state(config, B), jnp.swapaxes(xs, 0, 1), 1.0, config=config)
   with pytest.raises(ValueError, match=r"state is float32 but the inputs are bfloat16"):
     H.unroll(params, H.initial_state(config, B), xs.astype(jnp.bfloat16), 1.0, config=config)
@@ -657,7 +657,7 @@ def test_step_with_valid_and_reset_equals_unroll():
     np.testing.assert_allclose(a, b, atol=1e-12)
   with pytest.raises(ValueError, match=r"seq_lengths must be \(3,\) integers"):
     H.unroll(params, state, xs, 1.0, config=config, seq_lengths=jnp.asarray([1.0, 2.0, 3.0]))
-  with pytest.raises(ValueError, match=r"reset must have shape \(12, 3\)"):
+  with pytest.raises(ValueError, match=r"reset must have shape \(T, B\) = \(12, 3\)"):
     H.unroll(params, state, xs, 1.0, config=config, reset=reset.T)
 
 
