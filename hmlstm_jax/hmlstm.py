@@ -691,7 +691,7 @@ def step(params, state: State, x_t: jax.Array, slope, key: jax.Array | None = No
       reach a boundary through the skipped work (Eq. 2-4's blend, the gates of Eq. 6-7) is
       not computed. Under ``vmap`` ``lax.cond`` becomes a select of both branches, and in a
       large batch some row nearly always needs each layer: there it saves nothing; on a GPU
-      it is slower (README).
+      it is slower (docs/performance.md).
     valid: (B,) bool, or ``None`` (every row): rows where it is false keep their state (a
       padded step of a shorter sequence).
     reset: (B,) bool, or ``None``: rows where it is true start this step from the initial

@@ -127,6 +127,8 @@ def run(params, xs, slope, variant, uniforms=None, init=None):
               margin = min(margin, abs(z_tilde - threshold))
               z_new = 1.0 if z_tilde > threshold else 0.0
         hs[l][t, b], cs[l][t, b], zs[l][t, b] = h_new, c_new, z_new
-      new_h.append(hs[l][t]); new_c.append(cs[l][t]); new_z.append(zs[l][t])
+      new_h.append(hs[l][t])
+      new_c.append(cs[l][t])
+      new_z.append(zs[l][t])
     h, c, z = new_h, new_c, new_z
   return hs, cs, zs, ops, margin

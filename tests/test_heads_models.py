@@ -132,8 +132,10 @@ def test_lstm_baseline_matches_flax_lstm_cell():
 def test_boundary_rate_penalty_is_zero_in_the_band_and_quadratic_outside():
   """Σ_ℓ max(0, m − r)² + max(0, r − M)², r the share of (real) steps with z = 1, by hand."""
   from hmlstm_jax import backbone, hmlstm
-  z1 = np.zeros((4, 2, 1)); z1[:3, 0] = 1.0        # r¹ = 3/8
-  z2 = np.zeros((4, 2, 1)); z2[0, 1] = 1.0          # r² = 1/8
+  z1 = np.zeros((4, 2, 1))
+  z1[:3, 0] = 1.0        # r¹ = 3/8
+  z2 = np.zeros((4, 2, 1))
+  z2[0, 1] = 1.0          # r² = 1/8
   z3 = np.zeros((4, 2, 1))                           # the last layer has no detector
   zs = tuple(jnp.asarray(z, jnp.float32) for z in (z1, z2, z3))
   np.testing.assert_allclose(hmlstm.boundary_rates(zs), [3 / 8, 1 / 8])
@@ -141,7 +143,8 @@ def test_boundary_rate_penalty_is_zero_in_the_band_and_quadratic_outside():
   expected = (3 / 8 - 0.25) ** 2 + (0.2 - 1 / 8) ** 2
   np.testing.assert_allclose(hmlstm.boundary_rate_penalty(zs, (0.0, 0.2), (0.25, 1.0)), expected,
                              rtol=1e-6)
-  mask = np.ones((4, 2)); mask[2:, 0] = 0.0         # row 0 has 2 real steps: r¹ = (2 + 0)/6
+  mask = np.ones((4, 2))
+  mask[2:, 0] = 0.0         # row 0 has 2 real steps: r¹ = (2 + 0)/6
   np.testing.assert_allclose(hmlstm.boundary_rates(zs, jnp.asarray(mask)), [2 / 6, 1 / 6],
                              rtol=1e-6)
   config = H.CharLMConfig(vocab_size=5, layer_sizes=(6, 5, 4), rate_weight=3.0,
