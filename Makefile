@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo docs benchmark device-report install clean
+.PHONY: test test-fast demo docs benchmark device-report install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(PY)
 
 test: install
 	$(PY) -m pytest -q -n auto --durations=25 tests
+
+test-fast: install   # while working: the library's tests, not the ones that start binaries
+	$(PY) -m pytest -q -n auto -m "not slow" tests
 
 demo: $(PY)
 	$(PY) -m pip install --quiet -e '.[plot]'

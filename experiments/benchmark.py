@@ -50,13 +50,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import charlm
 from experiments import generation
+from experiments import profiling
 import hmlstm_jax as hm
 from hmlstm_jax import files
-from hmlstm_jax import profiling
 from hmlstm_jax import schedule
 from hmlstm_jax import training
+from hmlstm_jax.charlm import experiment as charlm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,7 +71,7 @@ def boundary_results(sums: dict, label_names) -> dict:
                          for name in label_names}}
 
 
-def boundary_rates(rnn: hmlstm.UnrollOutputs, mask: jax.Array | None = None) -> dict:
+def boundary_rate_scalars(rnn: hmlstm.UnrollOutputs, mask: jax.Array | None = None) -> dict:
   """``{'z<ℓ>_rate': the share of (masked) steps on which z^ℓ = 1}`` for each layer with a
   boundary detector (every layer but the last); empty for the LSTM. ``mask``: (rows, T).
   Logged during training, so that the curves show when boundaries form or die."""

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import heads
@@ -104,6 +105,20 @@ class RecurrentConfig(hmlstm.HMLSTMSettings):
   def slope(self, epoch: float) -> float:
     """The hard sigmoid's slope a = min(max_slope, 1 + slope_rate · epoch) (§3.3), on the host."""
     return float(boundary_lib.slope_schedule(epoch, self.max_slope, self.slope_rate))
+
+
+class SlopeAnnealing:
+  """Slope annealing (§3.3) in a run: mixed into an :class:`~hmlstm_jax.training.Experiment`
+  whose ``self.model`` is a :class:`RecurrentConfig`, each step's schedule is the slope
+  :meth:`RecurrentConfig.slope` of its epoch (the formula: :func:`boundary.slope_schedule`),
+  shown as ``slope`` in progress lines. The trainer only passes it to the loss."""
+
+  def schedule(self, step: int, epoch: float) -> np.float32:
+    del step
+    return np.float32(self.model.slope(epoch))
+
+  def schedule_scalars(self, slope) -> dict[str, float]:
+    return {"slope": float(slope)}
 
 
 def init_recurrence_and_output(k_rnn: jax.Array, k_out: jax.Array, config: RecurrentConfig,

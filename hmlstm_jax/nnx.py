@@ -106,15 +106,11 @@ class HMLSTM(nnx.Module):
     inputs' dtype when None). ``rngs`` (its ``boundary`` stream) or ``key``: the PRNG key of
     the ``'sample'`` boundary in training. Each setting left None takes the module's.
     Returns the outputs (``output``), or ``(final_carry, outputs)`` with ``return_carry``."""
-    pick = lambda given, default: default if given is None else given
+    chosen = rnn.settings(self, time_major=time_major, return_carry=return_carry,
+                          reverse=reverse, keep_order=keep_order, output=output,
+                          deterministic=deterministic)
     return rnn.call(self.weights, self.config, inputs, slope, initial_carry=initial_carry,
-                    key=_key(rngs, key), deterministic=pick(deterministic, self.deterministic),
-                    seq_lengths=seq_lengths, reset=reset,
-                    time_major=pick(time_major, self.time_major),
-                    return_carry=pick(return_carry, self.return_carry),
-                    reverse=pick(reverse, self.reverse),
-                    keep_order=pick(keep_order, self.keep_order),
-                    output=pick(output, self.output))
+                    key=_key(rngs, key), seq_lengths=seq_lengths, reset=reset, **chosen)
 
   def step(self, carry: hmlstm.State, x_t: jax.Array, slope=1.0, *,
            deterministic: bool | None = None,

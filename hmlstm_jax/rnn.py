@@ -25,6 +25,16 @@ from hmlstm_jax import hmlstm
 OUTPUTS = ("layers", "top", "all")
 
 
+#: The settings a module holds as defaults of its call's arguments of the same names.
+SETTINGS = ("time_major", "return_carry", "reverse", "keep_order", "output", "deterministic")
+
+
+def settings(module, **given) -> dict:
+  """Each of :data:`SETTINGS` as given to the call, or the module's where given None."""
+  return {name: getattr(module, name) if given.get(name) is None else given[name]
+          for name in SETTINGS}
+
+
 def check_output(output: str) -> str:
   """``output`` itself, or a ValueError naming the choices."""
   if output not in OUTPUTS:

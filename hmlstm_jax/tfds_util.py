@@ -1,9 +1,11 @@
 """What the TFDS builders of both tasks share (the corpora of :mod:`hmlstm_jax.charlm.data`,
 IAM-OnDB of :mod:`hmlstm_jax.handwriting.data`): the split names, examples numbered and read
-back in order, the manual directory, a file's checksum for the log, and preparing a dataset
-once when several runs start together."""
+back in order, where the data lives (:class:`DataDirs`, the runs' settings), the manual
+directory, a file's checksum for the log, and preparing a dataset once when several runs
+start together."""
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -12,7 +14,19 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hmlstm_jax.settings import setting
+
 SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDirs:
+  """Where TFDS keeps prepared datasets, and where manual downloads wait (both tasks' runs)."""
+  data_dir: str | None = setting(None, "TFDS data directory (default ~/tensorflow_datasets).",
+                                 changeable=True)
+  manual_dir: str | None = setting(
+      None, "Directory holding pre-downloaded archives (the dataset's flagfile names them); "
+      "default <data_dir>/downloads/manual.", changeable=True)
 
 
 def ordered_info(builder, features: dict, homepage: str, **kwargs) -> tfds.core.DatasetInfo:

@@ -28,6 +28,11 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/numpy_reference.py
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: starts the binaries as processes (`make test-fast` "
+                          "leaves these files out; `make test` and CI run everything)")
+
+
 def pytest_sessionfinish(session):
   """The controller (not an xdist worker) removes the compilation cache it made."""
   if os.environ.get("HMLSTM_JAX_TESTS_OWN_CACHE") and not hasattr(session.config, "workerinput"):

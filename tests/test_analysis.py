@@ -53,7 +53,8 @@ def test_a_detector_that_never_fires_over_the_split_is_counted_dead():
 
 def test_both_experiments_report_a_dead_detector_in_their_summary():
   """The path a validation takes: summarize (results and their scalars) → summary_lines."""
-  from experiments import charlm, handwriting
+  from hmlstm_jax.charlm import experiment as charlm
+  from hmlstm_jax.handwriting import experiment as handwriting
   counts = np.array([[1, 1, 0], [0, 0, 2], [0, 0, 2]])   # (tp, fp, fn) per layer
   sums = {"op_counts": np.array([[0, 9, 1], [8, 2, 0], [10, 0, 0]]), "fires": np.array([2, 0, 0]),
           "boundaries": {"word": counts, "word+1": counts}}

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments import benchmark
-from hmlstm_jax import profiling
+from experiments import profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,14 +13,17 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import handwriting
+from experiments.handwriting import FLAGS_DIR
 from hmlstm_jax import settings
 from hmlstm_jax import training
+from hmlstm_jax.handwriting import experiment as handwriting
 from hmlstm_jax.handwriting.data import iam_ondb
 from hmlstm_jax.training import checkpoints
 from hmlstm_jax.training import cli
 from hmlstm_jax.training import steps
 from test_iam_ondb import make_manual_dir
+
+pytestmark = pytest.mark.slow  # starts the binaries: `make test-fast` leaves it out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,19 +99,19 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def _parse(*argv):
   fv = flags.FlagValues()
   settings.define_flags(handwriting.Config, fv)
-  args, _ = cli.resolve_flagfiles(list(argv), handwriting.FLAGS_DIR)
+  args, _ = cli.resolve_flagfiles(list(argv), FLAGS_DIR)
   fv(["handwriting", *args])
   return settings.from_flags(handwriting.Config, fv)
 
 
 def test_flagfiles_carry_the_paper_settings():
-  names = {os.path.basename(p) for p in glob.glob(os.path.join(handwriting.FLAGS_DIR, "handwriting*.flags"))}
+  names = {os.path.basename(p) for p in glob.glob(os.path.join(FLAGS_DIR, "handwriting*.flags"))}
   assert names == {"handwriting.flags", "handwriting_anneal.flags", "handwriting_lstm.flags",
                    "handwriting_demo.flags"}
   for name, model, rate, paper in (("handwriting.flags", "hmlstm", 0.0, "1137"),
                                    ("handwriting_anneal.flags", "hmlstm", 0.004, "1167"),
                                    ("handwriting_lstm.flags", "lstm", 0.0, "1081")):
-    assert paper in open(os.path.join(handwriting.FLAGS_DIR, name)).readline()
+    assert paper in open(os.path.join(FLAGS_DIR, name)).readline()
     c = _parse(f"--flagfile={name}")
     assert c.dataset == "iam_ondb" and c.model.model == model and c.model.slope_rate == rate
     assert c.model.layer_sizes == (400, 400, 400) and c.model.output_size == 400

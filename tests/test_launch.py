@@ -12,6 +12,8 @@ import pytest
 
 from conftest import CACHE_VARIABLES
 
+pytestmark = pytest.mark.slow  # starts the binaries: `make test-fast` leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, "launch", "tpu.sh")
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")) +

@@ -40,6 +40,22 @@ def test_the_trainer_imports_no_model():
 
 def test_the_shared_modules_import_no_task():
   for name in ("backbone", "analysis", "hmlstm", "cell", "lstm", "heads", "tfds_util",
-               "profiling", "nn", "nnx"):
+               "rnn", "nn", "nnx"):
     ours = _imports(os.path.join(PACKAGE, f"{name}.py"))
     assert not {m for m in ours if m.startswith(("hmlstm_jax.charlm", "hmlstm_jax.handwriting"))}, name
+
+
+def test_experiments_holds_binaries_and_tools_not_a_tasks_definition():
+  """Issue 33: each task has one home in the library (its ``experiment.py``: Config,
+  Experiment, loss); experiments/ parses flags and calls it."""
+  experiments = os.path.join(os.path.dirname(__file__), "..", "experiments")
+  for path in sorted(glob.glob(os.path.join(experiments, "*.py"))):
+    tree = ast.parse(open(path).read())
+    classes = {node.name: [ast.unparse(b) for b in node.bases]
+               for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+    assert "Config" not in classes, path
+    assert not [n for n, bases in classes.items() if any("Experiment" in b for b in bases)], path
+  for task in ("charlm", "handwriting"):
+    binary = open(os.path.join(experiments, f"{task}.py")).read()
+    assert f"from hmlstm_jax.{task} import experiment" in binary
+    assert len(binary.splitlines()) <= 25, f"experiments/{task}.py is not thin"

@@ -15,6 +15,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from hmlstm_jax.training import cli
 from hmlstm_jax.training import distributed
 
+pytestmark = pytest.mark.slow  # starts the binaries: `make test-fast` leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 

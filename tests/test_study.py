@@ -5,7 +5,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.slow  # starts the binaries: `make test-fast` leaves it out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The character-LM experiment end to end (experiments/charlm.py on the trainer) on tiny corpora."""
+"""The character-LM experiment end to end (hmlstm_jax/charlm/experiment.py on the trainer, and its binary) on tiny corpora."""
 import glob
 import json
 import math
@@ -19,12 +19,15 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import SHARED_DATA
 
-from experiments import charlm
+from experiments.charlm import FLAGS_DIR
 from hmlstm_jax import settings
 from hmlstm_jax import training
+from hmlstm_jax.charlm import experiment as charlm
 from hmlstm_jax.training import checkpoints
 from hmlstm_jax.training import cli
 from hmlstm_jax.training import steps
+
+pytestmark = pytest.mark.slow  # starts the binaries: `make test-fast` leaves it out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,13 +111,13 @@ def test_bad_settings_fail_before_any_work(tmp_path):
 def _parse(*argv):
   fv = flags.FlagValues()
   settings.define_flags(charlm.Config, fv)
-  args, stem = cli.resolve_flagfiles(list(argv), charlm.FLAGS_DIR)
+  args, stem = cli.resolve_flagfiles(list(argv), FLAGS_DIR)
   fv(["charlm", *args])
   return settings.from_flags(charlm.Config, fv), stem
 
 
 def test_every_flagfile_parses_into_a_valid_config():
-  flagfiles = sorted(p for p in glob.glob(os.path.join(charlm.FLAGS_DIR, "*.flags"))
+  flagfiles = sorted(p for p in glob.glob(os.path.join(FLAGS_DIR, "*.flags"))
                      if not os.path.basename(p).startswith("handwriting"))
   names = {os.path.basename(p) for p in flagfiles}
   assert {"demo.flags", "ptb.flags", "ptb_step.flags", "ptb_sample.flags", "ptb_soft.flags",
