@@ -8,6 +8,11 @@ is ``usage.md`` there, ``../README.md`` from docs/ is ``index.md``). Folders of 
 tree (``hmlstm_jax/``, …) are not pages: their links become the folder's name in code.
 
     python docs/build_site.py [--out build/site]
+
+Why MkDocs (not Sphinx, which Flax uses): every page here is Markdown already, read on GitHub
+as it is; MkDocs builds it without a second syntax (Sphinx would need MyST and a conf.py),
+and its strict mode fails on a link to a missing page or anchor, which is what this build
+is for.
 """
 from __future__ import annotations
 

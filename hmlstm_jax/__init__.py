@@ -6,11 +6,11 @@ which module implements which equation.
 from hmlstm_jax.boundary import BOUNDARY_VARIANTS
 from hmlstm_jax.boundary import f_bound
 from hmlstm_jax.boundary import hard_sigmoid
-from hmlstm_jax.boundary import slope_schedule
 from hmlstm_jax.boundary import straight_through_boundary
 from hmlstm_jax.cell import layer_update
 from hmlstm_jax.cell import pre_activation
 from hmlstm_jax.backbone import RecurrentConfig
+from hmlstm_jax.backbone import slope_schedule
 from hmlstm_jax.charlm import CharLMConfig
 from hmlstm_jax.charlm import CharLMOutputs
 from hmlstm_jax.charlm import charlm_apply

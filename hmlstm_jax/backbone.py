@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmlstm_jax import boundary as boundary_lib
 from hmlstm_jax import heads
 from hmlstm_jax import hmlstm
 from hmlstm_jax import lstm
@@ -22,6 +21,27 @@ from hmlstm_jax.settings import setting
 
 MODELS = ("hmlstm", "lstm")
 OUTPUT_HEADS = ("module", "top")
+
+
+def slope_schedule(epoch: jax.Array | float, max_slope: float = 5.0,
+                   rate: float = 0.04) -> jax.Array:
+  """Slope annealing of §3.3: a = min(a_max, 1 + rate · epoch).
+
+  The paper's PTB setting is the default (a_max = 5, rate 0.04 per epoch); handwriting
+  uses a_max = 3, rate 0.004; Text8 and enwik8 use a = 1 (``rate=0``).
+
+  Args:
+    epoch: the epoch counter, may be fractional and traced.
+    max_slope: a_max.
+    rate: increase of the slope per epoch.
+
+  Returns:
+    The slope a as a float32 scalar: a JAX array for an array ``epoch``, a NumPy scalar for a
+    Python number (the same float32 arithmetic on the host, with no device work: the trainer
+    computes each step's slope this way).
+  """
+  xp = jnp if isinstance(epoch, jax.Array) else np
+  return xp.minimum(xp.float32(max_slope), xp.float32(1.0) + xp.float32(rate) * xp.float32(epoch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +124,13 @@ class RecurrentConfig(hmlstm.HMLSTMSettings):
 
   def slope(self, epoch: float) -> float:
     """The hard sigmoid's slope a = min(max_slope, 1 + slope_rate · epoch) (§3.3), on the host."""
-    return float(boundary_lib.slope_schedule(epoch, self.max_slope, self.slope_rate))
+    return float(slope_schedule(epoch, self.max_slope, self.slope_rate))
 
 
 class SlopeAnnealing:
   """Slope annealing (§3.3) in a run: mixed into an :class:`~hmlstm_jax.training.Experiment`
   whose ``self.model`` is a :class:`RecurrentConfig`, each step's schedule is the slope
-  :meth:`RecurrentConfig.slope` of its epoch (the formula: :func:`boundary.slope_schedule`),
+  :meth:`RecurrentConfig.slope` of its epoch (the formula: :func:`slope_schedule`),
   shown as ``slope`` in progress lines. The trainer only passes it to the loss."""
 
   def schedule(self, step: int, epoch: float) -> np.float32:

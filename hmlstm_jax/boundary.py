@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 BOUNDARY_VARIANTS = ("step", "sample", "soft")
 ST_GRADIENTS = ("hard_sigmoid", "linear", "sigmoid")
@@ -139,24 +138,3 @@ def f_bound(x: jax.Array, slope: jax.Array | float, variant: str,
   if variant == "sample":
     return straight_through_boundary(x, slope, noise, gradient)
   raise ValueError(f"unknown boundary variant {variant!r}; expected one of {BOUNDARY_VARIANTS}")
-
-
-def slope_schedule(epoch: jax.Array | float, max_slope: float = 5.0,
-                   rate: float = 0.04) -> jax.Array:
-  """Slope annealing of §3.3: a = min(a_max, 1 + rate · epoch).
-
-  The paper's PTB setting is the default (a_max = 5, rate 0.04 per epoch); handwriting
-  uses a_max = 3, rate 0.004; Text8 and enwik8 use a = 1 (``rate=0``).
-
-  Args:
-    epoch: the epoch counter, may be fractional and traced.
-    max_slope: a_max.
-    rate: increase of the slope per epoch.
-
-  Returns:
-    The slope a as a float32 scalar: a JAX array for an array ``epoch``, a NumPy scalar for a
-    Python number (the same float32 arithmetic on the host, with no device work: the trainer
-    computes each step's slope this way).
-  """
-  xp = jnp if isinstance(epoch, jax.Array) else np
-  return xp.minimum(xp.float32(max_slope), xp.float32(1.0) + xp.float32(rate) * xp.float32(epoch))

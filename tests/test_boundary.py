@@ -108,12 +108,12 @@ def test_other_straight_through_derivatives(variant, slope):
 def test_the_experiments_slope_is_computed_on_the_host_with_the_devices_arithmetic():
   """The schedule the HM-LSTM experiments give the trainer (RecurrentConfig.slope) equals the
   device's slope_schedule bit for bit."""
-  from hmlstm_jax import boundary
+  from hmlstm_jax import backbone
   config = H.RecurrentConfig(max_slope=5.0, slope_rate=0.04)
   for epoch in (0.0, 0.37, 3.999, 12.5, 99.99, 1000.0):
-    host = boundary.slope_schedule(epoch, 5.0, 0.04)
+    host = backbone.slope_schedule(epoch, 5.0, 0.04)
     assert isinstance(host, np.floating)  # no device array, no transfer
-    assert host == np.asarray(jax.jit(boundary.slope_schedule, static_argnums=(1, 2))(
+    assert host == np.asarray(jax.jit(backbone.slope_schedule, static_argnums=(1, 2))(
         jnp.float32(epoch), 5.0, 0.04))
     assert config.slope(epoch) == float(host)
   with pytest.raises(ValueError, match="max_slope >= 1"):
