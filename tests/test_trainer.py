@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 from absl import flags
 import jax
@@ -316,6 +317,22 @@ from hmlstm_jax.training import checkpoints  # noqa: E402
 from hmlstm_jax.training import steps  # noqa: E402
 
 
+def test_a_killed_writes_temporary_checkpoint_is_gone_when_the_checkpointer_returns(tmp_path):
+  """CI met Orbax's clean-up thread (which nothing waited for) logging a traceback when a run
+  stopped by a bad setting removed its workdir under it: the clean-up now finishes first."""
+  leftover = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1764880000" / "state"
+  leftover.mkdir(parents=True)
+  for i in range(2000):  # enough files that removing them takes a while
+    (leftover / f"part{i}").write_bytes(b"half-written")
+  before = set(threading.enumerate())
+  ckpt = checkpoints.Checkpointer(str(tmp_path), 3)
+  try:
+    assert [t.name for t in threading.enumerate() if t not in before] == []
+    assert os.listdir(tmp_path / "checkpoints") == [] and ckpt.steps() == []
+  finally:
+    ckpt.close()
+
+
 class _Killed(BaseException):
   """Stands for SIGKILL at a chosen point: nothing after it runs, nothing catches it."""
 
@@ -410,7 +427,9 @@ def test_unretrieved_read_failures_of_a_checkpoint_moved_aside_are_not_reported(
   _abandon_a_failed_read(f"NOT_FOUND: metadata in {moved}state/ does not exist")
   assert caplog.records == []
   _abandon_a_failed_read(f"NOT_FOUND: metadata in {other}state/ does not exist")
-  assert len(caplog.records) == 1  # another checkpoint's failure is still reported
+  # another checkpoint's failure is still reported (asyncio's records only: a thread of an
+  # earlier test on this worker may log under another name meanwhile, as one did on CI)
+  assert len([r for r in caplog.records if r.name == "asyncio"]) == 1
 
 
 def _poison_from(step_index, poison):

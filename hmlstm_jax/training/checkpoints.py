@@ -136,11 +136,16 @@ class Checkpointer:
     self.directory = os.path.join(root, "checkpoints")
     self.unreadable_dir = os.path.join(root, "checkpoints_unreadable")
     self.keep = keep
+    # Orbax's own clean-up of temporary directories runs in a thread that nothing waits for:
+    # a run that stopped at once (a bad setting) and removed its empty workdir made it log a
+    # traceback. The temporaries of a killed run are removed here, before this returns.
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=False))
+    self._remove_temporaries()
+    distributed.barrier("removed temporary checkpoints")
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -166,6 +171,8 @@ class Checkpointer:
         self.manager.delete(s)
 
   def _remove_temporaries(self) -> None:
+    """Removes the temporary directories of checkpoints whose writing did not finish (a kill,
+    a full disk); process 0 does, the others wait at the caller's barrier."""
     if (not distributed.is_primary() or files.is_remote(self.directory)
         or not os.path.isdir(self.directory)):
       return

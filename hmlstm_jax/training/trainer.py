@@ -132,14 +132,14 @@ class Run:
     self.steps_per_epoch = len(self.data.train)
     self.total_steps = max(1, math.ceil(self.config.num_epochs * self.steps_per_epoch))
     self.optimizer = experiment.optimizer()
-    self.mapped = parallel.MappedSteps(experiment, self.optimizer, devices)
-    self.ckpt = checkpoints.Checkpointer(workdir.path, self.config.keep_checkpoints)
-    self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
-                                     rows=self.config.batch_size // self.hosts.count)
-    self.abstract = self.mapped.abstract_state(self.template)  # what checkpoints restore onto
     if self.config.max_lr_cuts is not None and self.optimizer.plateau is None:
       raise ValueError("max_lr_cuts needs an optimiser that cuts the learning rate on a "
                        "plateau; this experiment's has none")
+    self.mapped = parallel.MappedSteps(experiment, self.optimizer, devices)
+    self.template = steps.init_state(jax.random.key(self.config.seed), experiment, self.optimizer,
+                                     rows=self.config.batch_size // self.hosts.count)
+    self.abstract = self.mapped.abstract_state(self.template)  # what checkpoints restore onto
+    self.ckpt = checkpoints.Checkpointer(workdir.path, self.config.keep_checkpoints)
     self.losses: list[float] = []   # this call's per-step training losses, read back
     self._pending: list = []        # metrics of steps not yet read back (on the devices)
     self._saved_step = None
