@@ -130,21 +130,30 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_process_with_every_row(ref
   assert _results(workdir)["test"]["bpc"] == pytest.approx(reference["test"]["bpc"], rel=2e-5)
 
 
+def _free_port() -> str:
+  return subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
+                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                        capture_output=True, text=True).stdout.strip()
+
+
+def _two_processes(tmp_path, stderr, *extra) -> list:
+  """The binary as processes 0 and 1 of a run (5 s heartbeat bound), started directly."""
+  port, procs = _free_port(), []
+  for i in range(2):
+    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    cmd = [sys.executable, "-u", "-m", "experiments.charlm", *TINY, *extra,
+           "--heartbeat_timeout=5", f"--workdir={tmp_path / 'run'}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=stderr, text=True))
+  return procs
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, victim):
   """Kill -9 one of two processes mid-training: the other exits non-zero with a message
   within --heartbeat_timeout (5 s here) plus slack, never hangs."""
-  port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
-                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                        capture_output=True, text=True).stdout.strip()
-  procs = []
-  for i in range(2):
-    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i))
-    cmd = [sys.executable, "-u", "-m", "experiments.charlm", *TINY, "--num_epochs=1000",
-           "--heartbeat_timeout=5", f"--workdir={tmp_path / 'run'}"]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+  procs = _two_processes(tmp_path, subprocess.STDOUT, "--num_epochs=1000")
   try:
     for line in procs[0].stdout:  # training has begun on both (the steps are collective)
       if line.startswith("step 5/"):
@@ -164,14 +173,35 @@ def test_a_dead_process_stops_the_other_within_the_heartbeat_bound(tmp_path, vic
                                    "another task died", "leader task was preempted/died")), output[-2000:]
 
 
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_process_dead_while_the_other_compiles_leaves_it_one_line(tmp_path, victim):
+  """Issue 32, item 5: killed while the other compiles (no collective to fail), the dead one
+  left the other to JAX's C++ abort: about 50 lines on stderr (coordination-service errors, a
+  check-failure stack trace, Python's thread dump). Now one line, and a non-zero exit."""
+  procs = _two_processes(tmp_path, subprocess.PIPE)
+  try:
+    for line in procs[0].stdout:  # the data are loaded; the steps compile next
+      if line.startswith("training hmlstm"):
+        break
+    procs[victim].kill()
+    survivor = procs[1 - victim]
+    _, errors = survivor.communicate(timeout=60)
+  finally:
+    for p in procs:
+      p.kill()
+  assert survivor.returncode != 0
+  lines = errors.strip().splitlines()
+  assert len(lines) == 1, errors[-3000:]
+  assert lines[0].startswith(f"charlm: process {1 - victim}: ")
+  assert "another process of the run stopped or died" in lines[0]
+
+
 @pytest.mark.parametrize("started", [0, 1])
 def test_a_process_that_never_registers_ends_the_other_with_one_line(tmp_path, started):
   """Issue 20, item 2: a peer that dies before it registers (here: never started) left the
   other waiting 305 s, then aborting with a C++ check failure. Now: one line after
   --init_timeout (5 s here), exit 1, for the coordinator (process 0) and for process 1."""
-  port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
-                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                        capture_output=True, text=True).stdout.strip()
+  port = _free_port()
   env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
              JAX_PROCESS_ID=str(started))
   t0 = time.time()

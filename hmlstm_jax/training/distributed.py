@@ -10,9 +10,9 @@ process writes its own shards of each checkpoint (Orbax).
 
 A process that dies stops the others: JAX's coordination service notices the missing
 heartbeats within ``--heartbeat_timeout`` seconds (60 by default) and ends every other process
-with a message ("the JAX distributed service detected fatal errors ... another task died")
-and a non-zero status (SIGABRT, 134). When process 0 (the coordinator) dies, the others stop
-within seconds. A process that dies before it registers (or is never started) leaves the
+with a non-zero status (SIGABRT, 134); when process 0 (the coordinator) dies, the others stop
+within seconds. Each says so in one line (:mod:`.abort_filter`, in place of the runtime's C++
+abort and thread dump), or in the line of the collective that failed first (:func:`lost_peer`). A process that dies before it registers (or is never started) leaves the
 others waiting at the start: they end with one line after ``--init_timeout`` seconds (60).
 
 Process 0's coordinator listens on the address it is given and nowhere else (``launch/local.sh``
@@ -31,6 +31,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from hmlstm_jax.training import abort_filter
 from hmlstm_jax.training.errors import first_line
 
 MODES = ("auto", "on", "off")
@@ -126,6 +127,8 @@ def initialize(settings: dict | None, heartbeat_timeout: int = 60, init_timeout:
   for flag, value in (("heartbeat_timeout", heartbeat_timeout), ("init_timeout", init_timeout)):
     if value < 1:
       raise ValueError(f"{flag} must be at least 1 second, got {value}")
+  abort_filter.install(name, str(_or(settings.get("process_id"), "?")),
+                       _or(settings.get("coordinator_address"), "found by JAX"))
   watchdog = threading.Timer(init_timeout, _give_up, (name, settings, init_timeout))
   watchdog.daemon = True
   watchdog.start()
@@ -135,6 +138,10 @@ def initialize(settings: dict | None, heartbeat_timeout: int = 60, init_timeout:
                                initialization_timeout=init_timeout + 30)
   finally:
     watchdog.cancel()
+
+
+def _or(value, default):
+  return default if value is None else value
 
 
 def _give_up(name: str, settings: dict, init_timeout: int) -> None:
