@@ -1,5 +1,6 @@
 """The stderr filter of multi-process runs (hmlstm_jax/training/abort_filter.py), fed the lines
 JAX's runtime writes when it ends a process (as captured from a survivor, jaxlib 0.10.2)."""
+import os
 import select
 import subprocess
 import sys
@@ -66,3 +67,16 @@ def test_held_lines_pass_on_within_the_hold_time_when_nothing_fatal_follows():
   finally:
     proc.stdin.close()
     proc.wait(timeout=30)
+
+
+def test_install_filters_this_processs_stderr_to_its_abort():
+  """install() in a process that then writes a line, the runtime's abort text, and aborts."""
+  code = ("import os, sys\n"
+          "from hmlstm_jax.training import abort_filter\n"
+          "abort_filter.install('charlm', '1', '127.0.0.1:1234')\n"
+          "sys.stderr.write('before\\n'); sys.stderr.flush()\n"
+          f"os.write(2, {ABORT!r}); os.abort()\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == -6
+  assert result.stderr.decode() == "before\n" + SUMMARY + "\n"

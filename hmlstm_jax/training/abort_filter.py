@@ -46,18 +46,24 @@ def summary(name: str, process: str, coordinator: str) -> str:
 
 def install(name: str, process: str, coordinator: str) -> None:
   """From now on this process's stderr (file descriptor 2) goes through the filter; call it
-  before ``jax.distributed.initialize``. Does nothing when stderr is not an open descriptor."""
+  before ``jax.distributed.initialize``. Does nothing when stderr is not an open descriptor or
+  the filter cannot start (no process or descriptor left): the run goes on unfiltered."""
   try:
     os.fstat(2)
+    sys.stderr.flush()
+    read, write = os.pipe()
   except OSError:
     return
-  sys.stderr.flush()
-  read, write = os.pipe()
-  subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), name, process, coordinator],
-                   stdin=read, stdout=2, stderr=subprocess.DEVNULL, close_fds=True)
-  os.close(read)
-  os.dup2(write, 2)
-  os.close(write)
+  try:
+    subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), name, process,
+                      coordinator], stdin=read, stdout=2, stderr=subprocess.DEVNULL,
+                     close_fds=True)
+    os.dup2(write, 2)
+  except OSError:
+    pass
+  finally:
+    os.close(read)
+    os.close(write)
 
 
 class _Filter:
