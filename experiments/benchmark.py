@@ -16,7 +16,8 @@ compiled program and, in brackets, the longest chain of dependent ones among the
 them, the machine's matmul rate at the shapes of the recurrence, the HM-LSTM / LSTM time
 ratio, and the dependent layer-steps of each schedule. The row ``hm-autod`` is the same
 HM-LSTM differentiated by plain autodiff of the scan, to show what the custom backward buys;
-``hm-2ph`` runs the two-phase schedule (:mod:`hmlstm_jax.schedule`).
+``hm-2ph`` runs the two-phase schedule (:mod:`hmlstm_jax.schedule`); ``--models`` adds
+``hm-u4`` / ``hm-u8`` (``--scan_unroll`` 4 and 8: fewer loop iterations, for GPUs).
 
 ``--mode=profile`` shows where each model's step time goes: XLA's per-instruction events from
 JAX's profiler, summed by category (matmul, element-wise, copy / transpose, dynamic slice,
@@ -145,14 +146,16 @@ def _nll(logits, targets):
 
 
 def make_hmlstm_step(shape: Shape, layer_norm: bool = False, matmul_dtype: str | None = None,
-                     fast_backward: bool = True, schedule: str = "layers"):
+                     fast_backward: bool = True, schedule: str = "layers",
+                     scan_unroll: int = 1):
   """(init_args, jitted step) for the HM-LSTM LM; the step returns (params, opt_state, state, loss).
 
   ``fast_backward=False`` differentiates the plain scan with autodiff (weight gradients
-  accumulated inside the reverse scan), to measure what the custom backward buys.
+  accumulated inside the reverse scan), to measure what the custom backward buys;
+  ``scan_unroll``: time steps per iteration of the forward and backward scans.
   """
   config = generation.lm_config(shape, layer_norm=layer_norm, dtype=matmul_dtype,
-                                schedule=schedule)
+                                schedule=schedule, scan_unroll=scan_unroll)
   opt = _clipped_adam()
   params = hm.init_charlm(jax.random.key(0), config)
 
@@ -314,6 +317,9 @@ TRAIN_MODELS = {
                         lambda s, ln, dt: make_hmlstm_step(s, ln, dt, fast_backward=False)),
     "hmlstm_two_phase": ("hm-2ph", True,
                          lambda s, ln, dt: make_hmlstm_step(s, ln, dt, schedule="two_phase")),
+    **{f"hmlstm_unroll{k}": (f"hm-u{k}", True,
+                             lambda s, ln, dt, k=k: make_hmlstm_step(s, ln, dt, scan_unroll=k))
+       for k in (4, 8)},
     "lstm": ("lstm", False, lambda s, ln, dt: make_lstm_step(s, dt)),
     "cudnn_lstm": ("cudnn", False, lambda s, ln, dt: make_cudnn_step(s, dt)),
 }
@@ -554,6 +560,10 @@ def define_flags() -> None:
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Matmul operand dtype of both models (bfloat16: float32 accumulation).")
   flags.DEFINE_string("json_out", None, "Also write the records as JSON to this path (atomically).")
+  flags.DEFINE_list("models", list(DEFAULT_TRAIN_MODELS),
+                    f"--mode=models: the training steps to time, from {sorted(TRAIN_MODELS)} "
+                    "(hmlstm and lstm always: the ratios are theirs; hmlstm_unroll4 / 8: "
+                    "lax.scan's unroll, a GPU setting).")
 
 
 def main(argv):
@@ -565,6 +575,9 @@ def main(argv):
   unknown = [n for n in names if n not in SHAPES]
   if unknown:
     raise app.UsageError(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+  unknown = [m for m in FLAGS.models if m not in TRAIN_MODELS]
+  if unknown:
+    raise app.UsageError(f"unknown models {unknown}; choose from {sorted(TRAIN_MODELS)}")
   records = []
   dtype = None if FLAGS.dtype == "float32" else FLAGS.dtype
   for name in names:
@@ -579,7 +592,8 @@ def main(argv):
     elif FLAGS.mode == "profile":
       records.append(profile_models(SHAPES[name], FLAGS.profile_runs, FLAGS.layer_norm, dtype))
     else:
-      records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype))
+      records.append(run(SHAPES[name], FLAGS.warmup, FLAGS.iters, FLAGS.layer_norm, dtype,
+                         FLAGS.models))
   formats = {"loop": lambda rs: "\n".join(map(format_loop, rs)),
              "generate": lambda rs: "\n\n".join(map(generation.format_generation, rs)),
              "profile": lambda rs: "\n\n".join(map(format_profiles, rs)), "models": format_table}

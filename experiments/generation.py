@@ -39,13 +39,14 @@ DEFAULT_COMPUTE = (1.0, 0.5, 0.1)
 
 
 def lm_config(shape, model: str = "hmlstm", width: int | None = None, layer_norm: bool = False,
-              dtype: str | None = None, schedule: str = "layers") -> hm.CharLMConfig:
+              dtype: str | None = None, schedule: str = "layers",
+              scan_unroll: int = 1) -> hm.CharLMConfig:
   """The character LM at a benchmark shape (``width``: every layer that wide instead); the
   training benchmark's too."""
   sizes = shape.layer_sizes if width is None else (width,) * len(shape.layer_sizes)
   return hm.CharLMConfig(vocab_size=shape.vocab, layer_sizes=sizes, output_size=shape.output_size,
                          embed_size=shape.embed, layer_norm=layer_norm, matmul_dtype=dtype,
-                         model=model, schedule=schedule)
+                         model=model, schedule=schedule, scan_unroll=scan_unroll)
 
 
 def parameter_count(config: hm.CharLMConfig) -> int:

@@ -22,7 +22,9 @@ later). ``--width=cpu`` is the paper's recipe at reduced width (3 × 128 HM-LSTM
 LayerNorm LSTM of equal parameters, 3 × 149), never the paper's rows. ``--interim_reports``
 (no training) evaluates the best checkpoint so far of every row stopped before its end on
 validation and test (``interim.json``, the boundary figure, samples): the table then gives
-that test BPC, marked "so far".
+that test BPC, marked "so far". ``--row_flag`` adds a flag to every row's command, e.g. the
+speed settings the device report chose on a GPU (``--row_flag=--scan_unroll=4``; a setting
+that may not change on resume, such as ``--matmul_dtype``, is refused by a row already begun).
 """
 from __future__ import annotations
 
@@ -87,6 +89,8 @@ flags.DEFINE_string("workdir", None, "Where the runs and the table go "
 flags.DEFINE_string("manual_dir", None, "Directory holding simple-examples.tgz "
                     "(e.g. ../shared/data/ptb_char).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
+flags.DEFINE_multi_string("row_flag", [], "A flag added to every row's command, e.g. "
+                          "--row_flag=--scan_unroll=4 (repeat for several).")
 flags.DEFINE_integer("concurrency", 2, "Runs at once on the one device.", lower_bound=1)
 flags.DEFINE_float("budget_s", None, "Seconds after which no run starts and the running ones "
                    "have stopped (checkpointed); default: no limit.", lower_bound=1)
@@ -209,6 +213,7 @@ def command(row: Row, workdir: str) -> list[str]:
   extra = WIDTHS[FLAGS.width][1 if row.lstm else 0]
   argv = [sys.executable, "-m", "experiments.charlm", f"--flagfile={row.name}.flags",
           f"--workdir={workdir}", *extra]
+  argv += FLAGS.row_flag
   if FLAGS.interim_reports:
     argv.append("--interim_report")
   for name in ("manual_dir", "data_dir"):
@@ -248,6 +253,10 @@ def main(argv):
       raise app.UsageError(f"--rows: unknown {unknown or 'none given'}; choose from "
                            f"{', '.join(names)}")
     rows = tuple(r for n in FLAGS.rows for r in rows if r.name == n)
+  bad = [f for f in FLAGS.row_flag if not f.startswith("--")]
+  if bad:
+    raise app.UsageError(f"--row_flag takes a flag of the rows' binary, e.g. "
+                         f"--row_flag=--scan_unroll=4; got {bad}")
   if FLAGS.manual_dir is not None and not os.path.isdir(FLAGS.manual_dir):
     raise app.UsageError(f"--manual_dir={FLAGS.manual_dir} is not a directory; it should hold "
                          "simple-examples.tgz (e.g. ../shared/data/ptb_char)")

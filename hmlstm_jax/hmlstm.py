@@ -61,6 +61,10 @@ class HMLSTMSettings:
                              "hard_sigmoid (the paper's: a/2 inside |a x| < 1, else 0), linear "
                              "(a/2 everywhere) or sigmoid (of sigmoid(2 a x)).",
                              choices=boundary_lib.ST_GRADIENTS)
+  scan_unroll: int = setting(1, "Time steps per iteration of the recurrence's lax.scan "
+                             "(forward and backward): fewer loop iterations, a larger program; "
+                             "the same numbers. A speed setting (on GPUs an iteration is "
+                             "costly).", changeable=True)
   st_local: bool = setting(False, "Not the paper's: the straight-through gradient trains each "
                            "detector's own weights and stops there (not into the states it read; "
                            "the forward pass is unchanged).")
@@ -89,6 +93,9 @@ class HMLSTMSettings:
     if self.st_gradient not in boundary_lib.ST_GRADIENTS:
       raise ValueError(f"st_gradient must be one of {boundary_lib.ST_GRADIENTS}, "
                        f"got {self.st_gradient!r}")
+    if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or (
+        self.scan_unroll < 1):
+      raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
     if self.schedule not in schedule_lib.SCHEDULES:
       raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {self.schedule!r}")
     if self.matmul_dtype not in MATMUL_DTYPES:
@@ -142,6 +149,8 @@ class HMLSTMConfig(HMLSTMSettings):
       ``'two_phase'`` (the layers of a step run in two independent phases; dependent chain
       2T + L − 2 instead of L·T). The same forward numbers bit for bit; gradients the same up
       to float32 rounding (XLA may sum the two loop bodies' cotangents in another order).
+    scan_unroll: time steps per iteration of the forward and backward ``lax.scan``
+      (``lax.scan``'s ``unroll``); speed only: the same numbers up to float rounding.
   """
   input_size: int = dataclasses.field(kw_only=True)
 
@@ -515,7 +524,7 @@ def _scan(config: HMLSTMConfig, small, kernels, state: State, bottom_up_1, slope
   body = _forward_body(small, kernels, slope, config, keep_residuals)
   return schedule_lib.skewed_scan(body, state,
                                   _per_layer_inputs(config, bottom_up_1, noise, valid, reset),
-                                  bottom_up_1.shape[0], lags, order)
+                                  bottom_up_1.shape[0], lags, order, unroll=config.scan_unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -639,7 +648,7 @@ def _recurrence_bwd(config, residuals, cotangents):
   lags, order = schedule_lib.plan(config.schedule, L, backward=True)
   (d_state0, _), ys = schedule_lib.skewed_scan(
       _backward_body(small, _cast(kernels, dtype), slope, config), (tuple(d_final), below), xs,
-      T, lags, order, reverse=True)
+      T, lags, order, reverse=True, unroll=config.scan_unroll)
   d_projs, d_small, d_bu = (tuple(y[i] for y in ys) for i in range(3))
   # dK = Xᵀ dY over all T·B rows at once.
   d_kernels = tuple(

@@ -64,7 +64,7 @@ def keep(active, new, old):
 
 
 def skewed_scan(body: Body, carry, xs: Sequence[Any], num_steps: int, lags: Sequence[int],
-                order: Sequence[int], reverse: bool = False):
+                order: Sequence[int], reverse: bool = False, unroll: int = 1):
   """A ``lax.scan`` in which layer ℓ trails by ``lags[ℓ]`` steps.
 
   With lags, the loop runs T + max(lags) iterations; in the first and last few some layers
@@ -83,6 +83,7 @@ def skewed_scan(body: Body, carry, xs: Sequence[Any], num_steps: int, lags: Sequ
     num_steps: T.
     lags, order: from :func:`plan`.
     reverse: run the steps from the last to the first (the backward pass).
+    unroll: loop iterations per ``lax.scan`` iteration (its ``unroll``).
 
   Returns:
     ``(carry, ys)`` with ``ys[ℓ]`` layer ℓ's outputs stacked over the T steps in step order.
@@ -90,7 +91,7 @@ def skewed_scan(body: Body, carry, xs: Sequence[Any], num_steps: int, lags: Sequ
   L, T, lead = len(lags), num_steps, max(lags)
   if lead == 0:
     return jax.lax.scan(lambda c, x: body(c, x, tuple(order), (None,) * L), carry, xs,
-                        reverse=reverse)
+                        reverse=reverse, unroll=unroll)
   # Layer ℓ's step at loop index i (i = iteration forward; from the end, reverse) is i − before.
   before = [lead - lag if reverse else lag for lag in lags]
   padded = tuple(
@@ -103,6 +104,7 @@ def skewed_scan(body: Body, carry, xs: Sequence[Any], num_steps: int, lags: Sequ
     active = tuple((i >= b) & (i < b + T) for b in before)
     return body(c, x_layers, tuple(order), active)
 
-  carry, ys = jax.lax.scan(step, carry, (jnp.arange(T + lead), padded), reverse=reverse)
+  carry, ys = jax.lax.scan(step, carry, (jnp.arange(T + lead), padded), reverse=reverse,
+                           unroll=unroll)
   return carry, tuple(jax.tree_util.tree_map(lambda y, b=b: y[b:b + T], ys[l])
                       for l, b in enumerate(before))

@@ -165,6 +165,7 @@ def test_union_and_region_walls_count_overlapping_time_once():
     (("--quick", "--iters=0"), "flag --iters=0: 0 is not a positive integer"),
     (("--mode=profile", "--quick", "--profile_runs=0"), "flag --profile_runs=0"),
     (("--shapes=nope",), "unknown shapes ['nope']"),
+    (("--quick", "--models=hmlstm,nope"), "unknown models ['nope']"),
     (("--mode=generate", "--quick", "--gen_chars=0"), "flag --gen_chars=0"),
 ])
 def test_bad_flags_are_one_clear_error(args, message, tmp_path):
@@ -211,7 +212,11 @@ def test_device_report_writes_json_and_markdown_and_keeps_to_its_budget(tmp_path
   report = json.loads((tmp_path / "report.json").read_text())
   assert [(r["shape"]["name"], r["dtype"]) for r in report["train"]] == [("quick", "float32")]
   assert report["left_out"] == ["train quick bfloat16", "generate quick"]
-  assert report["train"][0]["models"] == ["hmlstm", "hmlstm_two_phase", "lstm"]
+  assert report["train"][0]["models"] == ["hmlstm", "hmlstm_two_phase", "hmlstm_unroll4",
+                                          "hmlstm_unroll8", "lstm"]
+  # scan_unroll k: k steps' matmuls (3 layers) in each iteration of both loops
+  for k in (4, 8):
+    assert report["train"][0][f"hmlstm_unroll{k}"]["loop_matmuls_per_step"] == [3 * k, 3 * k]
   assert "NVIDIA GPU" in report["train"][0]["skipped"]["cudnn_lstm"]
   assert report["machine"]["platform"] == "cpu" and report["machine"]["jax"]
   text = (tmp_path / "report.md").read_text()

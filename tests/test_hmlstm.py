@@ -441,6 +441,49 @@ def test_two_phase_schedule_gives_the_same_bits_forward_and_backward(sizes, step
     assert {int(v) for v in np.unique(np.asarray(ops[1]))} == {0, 1, 2}  # every operation ran
 
 
+@pytest.mark.parametrize("schedule", ["layers", "two_phase"])
+@jax.enable_x64(True)
+def test_scan_unroll_gives_the_same_outputs_and_gradients_with_fewer_loop_iterations(schedule):
+  """``scan_unroll`` (lax.scan's unroll, a GPU speed setting) with T = 5 and unroll 3 (a
+  remainder): the plain scan's outputs and custom-backward gradients
+  (float64: XLA may fuse unrolled iterations differently, so equal up to rounding); the
+  forward and backward scans of the program carry the unroll."""
+  plain, params, xs = _setup("step", False, seed=4, schedule=schedule)
+  params, xs = _float64(params), _float64(xs[:5])
+  weights = [jax.random.normal(jax.random.key(i), (5, B, d), jnp.float64)
+             for i, d in enumerate(SIZES)]
+
+  def loss(params, xs, config):
+    final, out = H.unroll(params, H.initial_state(config, B, jnp.float64), xs, 1.3,
+                          config=config)
+    value = sum(jnp.sum(w * h) for w, h in zip(weights, out.h))
+    return value + sum(jnp.sum(s.c ** 2) for s in final), out.z
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+  reference = grad(params, xs, plain)
+  config = dataclasses.replace(plain, scan_unroll=3)
+  got = grad(params, xs, config)
+  for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, has_aux=True), static_argnums=2)(params, xs, config)
+  unrolls = [e.params["unroll"] for e in _equations(jaxpr.jaxpr) if e.primitive.name == "scan"]
+  assert unrolls == [3, 3], unrolls  # forward and custom backward
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="scan_unroll must be a positive int"):
+      dataclasses.replace(plain, scan_unroll=bad)
+
+
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
+
+
 def test_schedule_plans_and_critical_paths():
   from hmlstm_jax import schedule
   assert schedule.plan("layers", 3) == ((0, 0, 0), (0, 1, 2))

@@ -50,8 +50,12 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
   leaves a readable table. SIGTERM once both have validated: they checkpoint and stop (exit
   75); --interim_reports gives their best checkpoints' test BPC so far. Run again: both
   resume and fill every column, the HM-LSTM's compute and F1 too; once more: nothing to run."""
-  first, seconds = _reproduce(tmp_path, "--budget_s=30", "--stop_s=15")
+  first, seconds = _reproduce(tmp_path, "--budget_s=30", "--stop_s=15",
+                              "--row_flag=--scan_unroll=2")
   assert first.returncode == 0, first.stderr[-2000:]
+  with open(tmp_path / "w" / "ptb" / "config.json") as f:
+    assert json.load(f)["scan_unroll"] == 2  # --row_flag reached the row (a speed setting:
+    # the later calls resume it without the flag)
   ended = float(first.stdout.split("reproduce: ended ")[1].split()[0])
   assert ended < 30  # by its own clock, which starts before its imports
   assert seconds < 30 + 60  # and from outside: interpreter start and exit too, on a loaded machine
@@ -106,7 +110,8 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
 
 def test_bad_rows_and_manual_dir_are_one_line(tmp_path):
   for flag, words in (("--rows=ptb,nope", "--rows: unknown ['nope']"),
-                      (f"--manual_dir={tmp_path / 'none'}", "is not a directory")):
+                      (f"--manual_dir={tmp_path / 'none'}", "is not a directory"),
+                      ("--row_flag=scan_unroll=2", "--row_flag takes a flag of the rows'")):
     result = subprocess.run([sys.executable, "-m", "experiments.reproduce", flag,
                              f"--workdir={tmp_path / 'w'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

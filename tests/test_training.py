@@ -330,3 +330,11 @@ def test_a_file_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
   _one_line_error(result, f"cannot write {workdir}/config.json: File too large",
                   "over the size limit")
   assert not workdir.exists()  # the run created it and failed before any output
+
+
+def test_scan_unroll_may_change_when_a_run_resumes():
+  """A speed setting (lax.scan's unroll): a run resumes with another value; a width does not."""
+  saved = settings.flat(charlm.Config())
+  wanted = settings.flat(settings.replace(charlm.Config(), scan_unroll=4, layer_sizes=(8, 8, 8)))
+  assert [d.split(":")[0] for d in settings.differences(charlm.Config, saved, wanted)] == [
+      "layer_sizes"]
