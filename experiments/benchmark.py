@@ -17,7 +17,7 @@ them, the machine's matmul rate at the shapes of the recurrence, the HM-LSTM / L
 ratio, and the dependent layer-steps of each schedule. The row ``hm-autod`` is the same
 HM-LSTM differentiated by plain autodiff of the scan, to show what the custom backward buys;
 ``hm-2ph`` runs the two-phase schedule (:mod:`hmlstm_jax.schedule`); ``--models`` adds
-``hm-u4`` / ``hm-u8`` (``--scan_unroll`` 4 and 8: fewer loop iterations, for GPUs).
+``hm-u2`` / ``hm-u4`` (``--scan_unroll`` 2 and 4: fewer loop iterations, for GPUs).
 
 ``--mode=profile`` shows where each model's step time goes: XLA's per-instruction events from
 JAX's profiler, summed by category (matmul, element-wise, copy / transpose, dynamic slice,
@@ -319,7 +319,7 @@ TRAIN_MODELS = {
                          lambda s, ln, dt: make_hmlstm_step(s, ln, dt, schedule="two_phase")),
     **{f"hmlstm_unroll{k}": (f"hm-u{k}", True,
                              lambda s, ln, dt, k=k: make_hmlstm_step(s, ln, dt, scan_unroll=k))
-       for k in (4, 8)},
+       for k in (2, 4)},
     "lstm": ("lstm", False, lambda s, ln, dt: make_lstm_step(s, dt)),
     "cudnn_lstm": ("cudnn", False, lambda s, ln, dt: make_cudnn_step(s, dt)),
 }
@@ -562,7 +562,7 @@ def define_flags() -> None:
   flags.DEFINE_string("json_out", None, "Also write the records as JSON to this path (atomically).")
   flags.DEFINE_list("models", list(DEFAULT_TRAIN_MODELS),
                     f"--mode=models: the training steps to time, from {sorted(TRAIN_MODELS)} "
-                    "(hmlstm and lstm always: the ratios are theirs; hmlstm_unroll4 / 8: "
+                    "(hmlstm and lstm always: the ratios are theirs; hmlstm_unroll2 / 4: "
                     "lax.scan's unroll, a GPU setting).")
 
 

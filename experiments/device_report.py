@@ -37,7 +37,7 @@ from experiments import generation
 from hmlstm_jax import files
 from hmlstm_jax.training import parallel
 
-TRAIN = ("hmlstm", "hmlstm_two_phase", "hmlstm_unroll4", "hmlstm_unroll8", "lstm", "cudnn_lstm")
+TRAIN = ("hmlstm", "hmlstm_two_phase", "hmlstm_unroll2", "hmlstm_unroll4", "lstm", "cudnn_lstm")
 DTYPES = ("float32", "bfloat16")
 
 FLAGS = flags.FLAGS

@@ -1,6 +1,6 @@
 r"""The paper's Penn Treebank rows (Table 1), measured by one command.
 
-    python -m experiments.reproduce --manual_dir=../shared/data/ptb_char                # 3 x 512: a GPU
+    python -m experiments.reproduce --choose_settings --manual_dir=../shared/data/ptb_char   # a GPU
     python -m experiments.reproduce --width=cpu --manual_dir=../shared/data/ptb_char    # 2 CPU cores
     python -m experiments.reproduce --width=cpu --budget_s=600 --manual_dir=...         # stops in 10 min
 
@@ -38,6 +38,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -78,6 +79,15 @@ WIDTHS = {
                "--num_samples=1", "--sample_chars=20"),) * 2,
 }
 
+#: ``--choose_settings``: the HM-LSTM rows' speed settings it times (each computes the same
+#: numbers, up to float rounding: float32 only, since bfloat16 would change them) and their
+#: flags; and the timed shape per width: (units per layer, output, embedding, batch, steps).
+CANDIDATES = {"hmlstm": (), "hmlstm_two_phase": ("--schedule=two_phase",),
+              "hmlstm_unroll2": ("--scan_unroll=2",), "hmlstm_unroll4": ("--scan_unroll=4",)}
+TIMED_SHAPES = {"paper": (512, 512, 128, 64, 100), "cpu": (128, 128, 128, 64, 100),
+                "quick": (8, 8, 8, 8, 20)}
+SETTINGS = "settings.json"
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("table", "ptb", list(TABLES), "Which table of the paper to fill.")
 flags.DEFINE_list("rows", None, "Rows to run, in this order (default: all of the table's).")
@@ -91,6 +101,11 @@ flags.DEFINE_string("manual_dir", None, "Directory holding simple-examples.tgz "
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
 flags.DEFINE_multi_string("row_flag", [], "A flag added to every row's command, e.g. "
                           "--row_flag=--scan_unroll=4 (repeat for several).")
+flags.DEFINE_bool("choose_settings", False, "Before the first run in this workdir, time the "
+                  "HM-LSTM step at the rows' shape in each speed setting (the plain scan, "
+                  "--schedule=two_phase, --scan_unroll=2 and 4; the same numbers) and give the "
+                  "HM-LSTM rows the fastest's flags; recorded in <workdir>/settings.json, which "
+                  "later calls reuse. For a GPU (about a minute there).")
 flags.DEFINE_integer("concurrency", 2, "Runs at once on the one device.", lower_bound=1)
 flags.DEFINE_float("budget_s", None, "Seconds after which no run starts and the running ones "
                    "have stopped (checkpointed); default: no limit.", lower_bound=1)
@@ -207,19 +222,54 @@ def table(rows: list[tuple[Row, dict, str]], width: str) -> str:
 # --------------------------------------------------------------------------- the runs
 
 
-def command(row: Row, workdir: str) -> list[str]:
-  """The charlm binary's command line for ``row`` at this width (``--interim_report`` with
-  ``--interim_reports``)."""
+def command(row: Row, workdir: str, chosen: Sequence[str] = ()) -> list[str]:
+  """The charlm binary's command line for ``row`` at this width: ``--row_flag``, ``chosen``
+  (the speed settings of ``--choose_settings``) for an HM-LSTM row, ``--interim_report`` with
+  ``--interim_reports``."""
   extra = WIDTHS[FLAGS.width][1 if row.lstm else 0]
   argv = [sys.executable, "-m", "experiments.charlm", f"--flagfile={row.name}.flags",
           f"--workdir={workdir}", *extra]
-  argv += FLAGS.row_flag
+  argv += [*FLAGS.row_flag, *(() if row.lstm else chosen)]
   if FLAGS.interim_reports:
     argv.append("--interim_report")
   for name in ("manual_dir", "data_dir"):
     if getattr(FLAGS, name):
       argv.append(f"--{name}={os.path.abspath(getattr(FLAGS, name))}")
   return argv
+
+
+def choose_settings(workdir: str) -> list[str]:
+  """``--choose_settings``: the flags of the fastest of :data:`CANDIDATES`, timed once per
+  workdir by the benchmark's training step (layer norm on, as the rows) and recorded in
+  ``<workdir>/settings.json``; later calls read them from there, so every call of a workdir
+  trains its rows alike."""
+  path = os.path.join(workdir, SETTINGS)
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+    print(f"settings: {' '.join(record['flags']) or 'the defaults'} (chosen earlier: {path})",
+          flush=True)
+    return record["flags"]
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark
+  from hmlstm_jax.training import parallel
+  units, output, embed, batch, steps = TIMED_SHAPES[FLAGS.width]
+  shape = benchmark.Shape(f"ptb_{FLAGS.width}", batch=batch, steps=steps,
+                          layer_sizes=(units,) * 3, output_size=output, vocab=50, embed=embed)
+  print(f"settings: timing the HM-LSTM step at {batch} x {steps}, 3 x {units} in "
+        f"{len(CANDIDATES)} settings ...", flush=True)
+  timed = benchmark.time_steps(
+      {m: lambda s, m=m: benchmark.TRAIN_MODELS[m][2](s, True, None) for m in CANDIDATES},
+      shape, warmup=2, iters=5)
+  ms = {m: round(timed[m]["median_s"] * 1e3, 3) for m in CANDIDATES}
+  best = min(ms, key=ms.get)
+  record = {"median_ms": ms, "chosen": best, "flags": list(CANDIDATES[best]),
+            "device": parallel.device_name(jax.devices()[:1])}
+  files.write_atomically(path, json.dumps(record, indent=1))
+  print("settings: " + ", ".join(f"{benchmark.TRAIN_MODELS[m][0]} {t:.1f} ms" for m, t in
+                                 ms.items()) + f" per step on {record['device']}; the HM-LSTM "
+        f"rows get {' '.join(record['flags']) or 'the defaults'} ({path})", flush=True)
+  return record["flags"]
 
 
 def _environment() -> dict:
@@ -262,6 +312,7 @@ def main(argv):
                          "simple-examples.tgz (e.g. ../shared/data/ptb_char)")
   workdir = FLAGS.workdir or os.path.join("workdirs", "reproduce", f"{FLAGS.table}_{FLAGS.width}")
   os.makedirs(workdir, exist_ok=True)
+  chosen = choose_settings(workdir) if FLAGS.choose_settings else []
   start, budget = START, FLAGS.budget_s
   state: dict[str, str] = {}           # this call's word on each row, for the table
   running: dict[str, subprocess.Popen] = {}
@@ -293,7 +344,7 @@ def main(argv):
         path = os.path.join(workdir, row.name)
         log = open(path + ".log", "a")
         running[row.name] = subprocess.Popen(
-            command(row, path), cwd=ROOT, env=_environment(), stdout=log,
+            command(row, path, chosen), cwd=ROOT, env=_environment(), stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=children.die_with_parent)
         log.close()
         state[row.name] = "training"
@@ -310,6 +361,9 @@ def main(argv):
         del running[name]
         log = os.path.join(workdir, name + ".log")
         done = "stopped; resumes (interim report)" if FLAGS.interim_reports else None
+        if code != 0 and not FLAGS.interim_reports and figures(
+            os.path.join(workdir, name)).get("finished"):
+          code = 0  # its report was written: a stop that came as it exited ended nothing
         state[name] = {0: done, 75: "stopped; resumes", -signal.SIGKILL:
                        "killed at the budget; resumes from its last checkpoint"}.get(
                            code, f"failed (exit {code}): {_last_line(log)}")

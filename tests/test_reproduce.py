@@ -47,8 +47,8 @@ def _log(tmp_path, name):
 def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_the_table(
     tmp_path):
   """Two rows at once. A 30 s budget (stop asked at 15 s): the command ends within it and
-  leaves a readable table. SIGTERM once both have validated: they checkpoint and stop (exit
-  75); --interim_reports gives their best checkpoints' test BPC so far. Run again: both
+  leaves a readable table. SIGTERM once the HM-LSTM has validated: the runs checkpoint and
+  stop (exit 75); --interim_reports gives their best checkpoints' test BPC so far. Again: both
   resume and fill every column, the HM-LSTM's compute and F1 too; once more: nothing to run."""
   first, seconds = _reproduce(tmp_path, "--budget_s=30", "--stop_s=15",
                               "--row_flag=--scan_unroll=2")
@@ -64,19 +64,24 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
   assert all("budget" in row["status"] or row["status"] == "stopped; resumes"
              for row in rows.values()), rows
 
-  progress = [tmp_path / "w" / n / "progress.json" for n in rows]
-  before = [os.path.getmtime(p) if os.path.exists(p) else 0 for p in progress]
+  progress = tmp_path / "w" / "ptb" / "progress.json"
+  before = os.path.getmtime(progress) if os.path.exists(progress) else 0
   proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300  # until both runs of this call have validated (written anew)
-  while not all(os.path.exists(p) and os.path.getmtime(p) > t for p, t in zip(progress, before)):
+  deadline = time.time() + 300  # until the HM-LSTM of this call has validated (written anew)
+  while not (os.path.exists(progress) and os.path.getmtime(progress) > before):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 75, err[-2000:]
   rows, text = _table(tmp_path)
-  for name, row in rows.items():
+  # The LSTM's 251 tiny steps may all be done while the HM-LSTM compiles (a loaded machine):
+  # then it has finished, and the stop (even one that came as it exited) is not its failure.
+  stopped = [n for n, row in rows.items() if not row["finished"]]
+  assert "ptb" in stopped and (rows["ptb_lnlstm"]["finished"] or "ptb_lnlstm" in stopped)
+  for name in stopped:
+    row = rows[name]
     assert row["status"] == "stopped; resumes" and row["steps"] < 251, row
     assert "stopped at step" in _log(tmp_path, name)
     assert row["valid_bpc"] > 0 and "test_bpc" not in row  # the best validation so far
@@ -84,7 +89,8 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
   interim, _ = _reproduce(tmp_path, "--interim_reports")  # their best so far, on test
   assert interim.returncode == 0, interim.stderr[-2000:]
   rows, text = _table(tmp_path)
-  for name, row in rows.items():
+  for name in stopped:
+    row = rows[name]
     assert row["interim"] and 2.0 < row["test_bpc"] < 6.0 and not row["finished"], row
     assert row["status"] == "stopped; resumes (interim report)"
     assert f"{row['test_bpc']:.3f} (so far)" in text
@@ -106,6 +112,26 @@ def test_a_budget_or_a_stop_request_ends_the_runs_and_a_rerun_resumes_them_to_th
   assert os.path.exists(tmp_path / "w" / "ptb" / "boundaries.png")  # the figure of Fig. 3
   third, seconds = _reproduce(tmp_path)
   assert third.returncode == 0 and "2 finished already" in third.stdout and seconds < 30
+
+
+def test_choose_settings_times_each_speed_setting_once_per_workdir(tmp_path):
+  """--choose_settings (for the GPU run): the HM-LSTM step timed in the plain scan, two-phase
+  and scan_unroll 2 and 4; the fastest's flags recorded in settings.json; a later call reads
+  them (no second timing). A 1 s budget: no row starts."""
+  first, _ = _reproduce(tmp_path, "--choose_settings", "--rows=ptb", "--budget_s=1")
+  assert first.returncode == 0, first.stderr[-2000:]
+  with open(tmp_path / "w" / "settings.json") as f:
+    record = json.load(f)
+  assert sorted(record["median_ms"]) == sorted(
+      ["hmlstm", "hmlstm_two_phase", "hmlstm_unroll2", "hmlstm_unroll4"])
+  assert record["chosen"] == min(record["median_ms"], key=record["median_ms"].get)
+  assert record["flags"] == {"hmlstm": [], "hmlstm_two_phase": ["--schedule=two_phase"],
+                             "hmlstm_unroll2": ["--scan_unroll=2"],
+                             "hmlstm_unroll4": ["--scan_unroll=4"]}[record["chosen"]]
+  assert "settings: hmlstm " in first.stdout and "hm-u4" in first.stdout
+  again, _ = _reproduce(tmp_path, "--choose_settings", "--rows=ptb", "--budget_s=1")
+  assert again.returncode == 0 and "(chosen earlier: " in again.stdout
+  assert "timing" not in again.stdout
 
 
 def test_bad_rows_and_manual_dir_are_one_line(tmp_path):
