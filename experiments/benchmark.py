@@ -309,6 +309,13 @@ def time_steps(makes: dict[str, Callable], shape: Shape, warmup: int, iters: int
   return results
 
 
+def time_models(shape: Shape, models: Sequence[str], warmup: int, iters: int,
+                layer_norm: bool = False, dtype: str | None = None) -> dict:
+  """:func:`time_steps` of the ``models`` of :data:`TRAIN_MODELS` at ``shape``."""
+  return time_steps({m: lambda s, m=m: TRAIN_MODELS[m][2](s, layer_norm, dtype) for m in models},
+                    shape, warmup, iters)
+
+
 #: The training steps :func:`run` can time: name -> (label in the table, whether it is an
 #: HM-LSTM, maker(shape, layer_norm, dtype)).
 TRAIN_MODELS = {
@@ -343,8 +350,7 @@ def run(shape: Shape, warmup: int = 2, iters: int = 5, layer_norm: bool = False,
     models = tuple(m for m in models if m != "cudnn_lstm")
   hm_flops = train_step_flops(hmlstm_flops_per_token(shape), shape)
   lstm_flops = train_step_flops(lstm_flops_per_token(shape), shape)
-  timed = time_steps({m: lambda s, m=m: TRAIN_MODELS[m][2](s, layer_norm, dtype) for m in models},
-                     shape, warmup, iters)
+  timed = time_models(shape, models, warmup, iters, layer_norm, dtype)
   for name, res in timed.items():
     flops = hm_flops if TRAIN_MODELS[name][1] else lstm_flops
     res.update(step_gflop=flops / 1e9, achieved_gflops=flops / res["median_s"] / 1e9)

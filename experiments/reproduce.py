@@ -258,9 +258,7 @@ def choose_settings(workdir: str) -> list[str]:
                           layer_sizes=(units,) * 3, output_size=output, vocab=50, embed=embed)
   print(f"settings: timing the HM-LSTM step at {batch} x {steps}, 3 x {units} in "
         f"{len(CANDIDATES)} settings ...", flush=True)
-  timed = benchmark.time_steps(
-      {m: lambda s, m=m: benchmark.TRAIN_MODELS[m][2](s, True, None) for m in CANDIDATES},
-      shape, warmup=2, iters=5)
+  timed = benchmark.time_models(shape, tuple(CANDIDATES), warmup=2, iters=5, layer_norm=True)
   ms = {m: round(timed[m]["median_s"] * 1e3, 3) for m in CANDIDATES}
   best = min(ms, key=ms.get)
   record = {"median_ms": ms, "chosen": best, "flags": list(CANDIDATES[best]),

@@ -67,20 +67,20 @@ def install(name: str, process: str, coordinator: str) -> None:
 
 
 class _Filter:
-  """The filter's state: lines held back, whether the fatal line came, the process's own lines
-  written after it."""
+  """The filter's state: lines held back, whether the fatal line came, the process's own last
+  line written after it."""
 
   def __init__(self, name: str, out):
     self.own = (name + ": ").encode()
     self.out = out
     self.held: list[bytes] = []
     self.fatal = False
-    self.own_after: list[bytes] = []
+    self.own_after: bytes | None = None
 
   def line(self, line: bytes) -> None:
     if self.fatal:
       if line.startswith(self.own):
-        self.own_after.append(line)
+        self.own_after = line
       return
     head = _GLOG.match(line)
     if FATAL in line:
@@ -101,8 +101,8 @@ class _Filter:
   def end(self, last: str) -> None:
     if not self.fatal:
       self.flush()
-    elif self.own_after:
-      self._write(self.own_after[-1])
+    elif self.own_after is not None:
+      self._write(self.own_after)
     else:
       self._write(last.encode() + b"\n")
 

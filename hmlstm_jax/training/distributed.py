@@ -12,7 +12,8 @@ A process that dies stops the others: JAX's coordination service notices the mis
 heartbeats within ``--heartbeat_timeout`` seconds (60 by default) and ends every other process
 with a non-zero status (SIGABRT, 134); when process 0 (the coordinator) dies, the others stop
 within seconds. Each says so in one line (:mod:`.abort_filter`, in place of the runtime's C++
-abort and thread dump), or in the line of the collective that failed first (:func:`lost_peer`). A process that dies before it registers (or is never started) leaves the
+abort and thread dump), or in the line of the collective that failed first
+(:func:`lost_peer`). A process that dies before it registers (or is never started) leaves the
 others waiting at the start: they end with one line after ``--init_timeout`` seconds (60).
 
 Process 0's coordinator listens on the address it is given and nowhere else (``launch/local.sh``
@@ -127,8 +128,8 @@ def initialize(settings: dict | None, heartbeat_timeout: int = 60, init_timeout:
   for flag, value in (("heartbeat_timeout", heartbeat_timeout), ("init_timeout", init_timeout)):
     if value < 1:
       raise ValueError(f"{flag} must be at least 1 second, got {value}")
-  abort_filter.install(name, str(_or(settings.get("process_id"), "?")),
-                       _or(settings.get("coordinator_address"), "found by JAX"))
+  process, _, coordinator = _who(settings)
+  abort_filter.install(name, process, coordinator)
   watchdog = threading.Timer(init_timeout, _give_up, (name, settings, init_timeout))
   watchdog.daemon = True
   watchdog.start()
@@ -140,18 +141,21 @@ def initialize(settings: dict | None, heartbeat_timeout: int = 60, init_timeout:
     watchdog.cancel()
 
 
-def _or(value, default):
-  return default if value is None else value
+def _who(settings: dict) -> tuple[str, str, str]:
+  """This process's id, the process count and the coordinator's address, as the one-line
+  messages name them ('?' and 'found by JAX' where JAX finds them itself)."""
+  label = lambda key, unknown: unknown if settings.get(key) is None else str(settings[key])
+  return (label("process_id", "?"), label("num_processes", "?"),
+          label("coordinator_address", "found by JAX"))
 
 
 def _give_up(name: str, settings: dict, init_timeout: int) -> None:
   """The watchdog of :func:`initialize`: one line, exit 1 (no Python cleanup: JAX is waiting)."""
-  where = settings.get("coordinator_address") or "the coordinator"
+  process, count, coordinator = _who(settings)
   sys.stderr.write(
       f"{name}: the run's processes did not all start within --init_timeout={init_timeout} s "
-      f"(process {settings.get('process_id', '?')} of {settings.get('num_processes', '?')}, "
-      f"coordinator {where}): a process died or was never launched; start every process "
-      "again\n")
+      f"(process {process} of {count}, coordinator {coordinator}): a process died or was "
+      "never launched; start every process again\n")
   sys.stderr.flush()
   os._exit(1)
 
